@@ -1,0 +1,152 @@
+"""Offline compression pipeline: Hugging Face causal LM -> serving artifact.
+
+Run:
+    python -m compress sources                                   # list packaged source models
+    python -m compress build --source smollm2-135m-instruct --recipe int8 --out artifacts/smollm2-int8
+    python -m compress build --model-dir path/to/hf_model --recipe bf16 --out artifacts/my-bf16
+    python -m compress eval artifacts/smollm2-int8               # perplexity, prefill/decode tok/s, size
+    python -m compress inspect artifacts/smollm2-int8            # manifest: params, size, precision
+Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
+
+
+def cmd_sources(a) -> None:
+    from .sources import SOURCES
+
+    for s in SOURCES.values():
+        print(f"{s.name:24s} {s.distribution:26s} chat={'yes' if s.chat else 'no ':3s} {s.description}")
+
+
+def cmd_build(a) -> None:
+    from .build import build
+    from .sources import ensure_hf_dir
+
+    if a.model_dir:
+        model_dir, source = Path(a.model_dir), {"model_dir": str(Path(a.model_dir).resolve())}
+    else:
+        model_dir = ensure_hf_dir(a.source)
+        source = json.loads((model_dir / "source.json").read_text())
+    out = Path(a.out or f"artifacts/{a.source or model_dir.name}-{a.recipe.replace(',', '-')}")
+    manifest = build(model_dir, out, a.recipe, source, force=a.force)
+    print(f"wrote {out} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['n_params'] / 1e6:.1f}M params, "
+          f"recipe {a.recipe})")
+
+
+def cmd_eval(a) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .artifact import load_engine_model, update_manifest
+    from .evaluate import EvalConfig, evaluate
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, manifest = load_engine_model(Path(a.artifact), max_len=max(a.seq_len + 1, a.prefill_tokens + a.decode_tokens + 1),
+                                        int8_kernel=a.int8_kernel)
+    tok = AutoTokenizer.from_pretrained(a.artifact)
+    cfg = EvalConfig(seq_len=a.seq_len, max_tokens=a.max_tokens, prefill_tokens=a.prefill_tokens,
+                     decode_tokens=a.decode_tokens, repeats=a.repeats)
+    res = evaluate(model, tok, cfg, progress=not a.quiet)
+    res["size_bytes"] = manifest["size_bytes"]
+    print(f"{Path(a.artifact).name}: perplexity {res['perplexity']:.3f} on {res['tokens']} tokens ({res['dataset']}), "
+          f"prefill {res['prefill_tok_s']:.1f} tok/s, decode {res['decode_tok_s']:.1f} tok/s "
+          f"({res['threads']} threads), size {res['size_bytes'] / 1e6:.1f} MB")
+    if not a.no_save:
+        update_manifest(Path(a.artifact), eval=res)
+    if a.json:
+        print(json.dumps(res, indent=2))
+
+
+def cmd_inspect(a) -> None:
+    from safetensors import safe_open
+
+    from .artifact import WEIGHTS, read_manifest, verify
+
+    root = Path(a.artifact)
+    m = verify(root) if a.verify else read_manifest(root)
+    dtypes: Counter = Counter()
+    with safe_open(str(root / WEIGHTS), "pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k)
+            n = 1
+            for d in t.get_shape():
+                n *= d
+            dtypes[str(t.get_dtype())] += n
+    print(f"artifact   {root}")
+    print(f"source     {m['source'].get('name') or m['source'].get('model_dir')} "
+          f"({m['source'].get('distribution', '')} {m['source'].get('version') or ''})".rstrip())
+    print(f"arch       {m['arch']}   chat template: {'yes' if m['chat_template'] else 'no (completions)'}")
+    print(f"recipe     {m['recipe']}   steps: {', '.join(s['name'] for s in m['steps'])}")
+    print(f"precision  {m['dtype']}" + (f" (kernel {m['int8_kernel']})" if m.get("int8_kernel") else ""))
+    print(f"params     {m['n_params'] / 1e6:.2f}M   size {m['size_bytes'] / 1e6:.1f} MB   files {len(m['files'])}")
+    print("tensors    " + ", ".join(f"{k}: {v / 1e6:.2f}M elems" for k, v in sorted(dtypes.items())))
+    if m.get("eval"):
+        e = m["eval"]
+        print(f"eval       perplexity {e['perplexity']:.3f}  prefill {e['prefill_tok_s']:.1f} tok/s  "
+              f"decode {e['decode_tok_s']:.1f} tok/s")
+    if a.json:
+        print(json.dumps(m, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m compress", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("sources", help="list packaged source models").set_defaults(fn=cmd_sources)
+
+    b = sub.add_parser("build", help="build an artifact from a source model")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--source", help="packaged source model (see `sources`)")
+    src.add_argument("--model-dir", help="a local Hugging Face model directory (safetensors)")
+    b.add_argument("--recipe", default="none", help="comma-separated steps: none, fp16, bf16, int8, int8-dynamic")
+    b.add_argument("--out", help="artifact directory (default artifacts/<source>-<recipe>)")
+    b.add_argument("--force", action="store_true", help="replace an existing artifact")
+    b.set_defaults(fn=cmd_build)
+
+    e = sub.add_parser("eval", help="perplexity, latency and size of an artifact")
+    e.add_argument("artifact")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens to score")
+    e.add_argument("--prefill-tokens", type=int, default=256)
+    e.add_argument("--decode-tokens", type=int, default=64)
+    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    e.add_argument("--int8-kernel", choices=["weight_only", "dynamic"], help="override the artifact's int8 kernel")
+    e.add_argument("--no-save", action="store_true", help="do not record the results in the manifest")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="print an artifact's manifest summary")
+    i.add_argument("artifact")
+    i.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    a = p.parse_args(argv)
+    if a.cmd == "build" and not (a.source or a.model_dir):
+        a.source = "smollm2-135m-instruct"
+    from .artifact import ArtifactError
+    from .recipes import RecipeError
+    from .sources import SourceError
+
+    try:
+        a.fn(a)
+    except (ArtifactError, RecipeError, SourceError, FileNotFoundError, NotImplementedError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The serving artifact: a directory shared by `compress`, the server and the benchmarks.
+
+Layout: `model.safetensors` (HF tensor names; float recipes load in plain transformers,
+int8 recipes add `<name>_scale` tensors), `config.json`, tokenizer files, and
+`manifest.json` with the source, every step and its parameters, dtype/kernel, parameter
+count, size, evaluation results and a sha256 per file. Artifacts are written into a
+temp directory next to the target and renamed into place, so readers never see a
+half-written one; loading verifies every checksum first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """The artifact is missing, incomplete, tampered with or of an unknown format."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_artifact(out: Path, fill: Callable[[Path], dict], force: bool = False) -> dict:
+    """Create artifact `out` atomically. `fill(tmpdir)` writes the files and returns the
+    manifest body; checksums and sizes are added here. Returns the final manifest."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = fill(tmp)
+        # mkdtemp/safetensors create owner-only modes; artifacts are read by other users
+        # (e.g. the non-root server in the Docker image).
+        os.chmod(tmp, 0o755)
+        for p in _files(tmp):
+            os.chmod(p, 0o644)
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}
+        manifest = {"format_version": FORMAT_VERSION, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **manifest, "size_bytes": sum(p.stat().st_size for p in _files(tmp)), "files": files}
+        _write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root} is not an artifact: {MANIFEST} is missing (build one with `python -m compress build`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    return manifest
+
+
+def verify(root: Path) -> dict:
+    """Check every file against the manifest; raise ArtifactError naming what is wrong."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems = []
+    for rel, digest in manifest["files"].items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"missing {rel}")
+        elif sha256_file(p) != digest:
+            problems.append(f"checksum mismatch in {rel}")
+    if problems:
+        raise ArtifactError(f"artifact {root} failed verification: {'; '.join(problems)}")
+    return manifest
+
+
+def update_manifest(root: Path, **fields) -> dict:
+    """Merge fields (e.g. eval results) into the manifest, atomically."""
+    manifest = read_manifest(root)
+    for k, v in fields.items():
+        if isinstance(v, dict) and isinstance(manifest.get(k), dict):
+            manifest[k] = {**manifest[k], **v}
+        else:
+            manifest[k] = v
+    _write_json(Path(root) / MANIFEST, manifest)
+    return manifest
+
+
+def load_state(root: Path) -> dict:
+    """Safetensors only: never unpickle weights."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(root) / WEIGHTS))
+
+
+def load_engine_model(root: Path, max_len: int | None = None, check: bool = True, int8_kernel: str | None = None):
+    """(model, manifest) for the server's engine; verifies checksums unless check=False."""
+    import torch
+
+    from server.engine.config import ModelArgs
+    from server.engine.loader import build_model
+
+    root = Path(root)
+    manifest = verify(root) if check else read_manifest(root)
+    config = json.loads((root / "config.json").read_text())
+    args = ModelArgs.from_hf_config(config)
+    dtype = getattr(torch, manifest.get("dtype", "float32")) if manifest.get("dtype") in ("float32", "float16", "bfloat16") else torch.float32
+    kernel = int8_kernel or manifest.get("int8_kernel") or "weight_only"
+    model = build_model(args, load_state(root), dtype=dtype, max_len=max_len, int8_kernel=kernel)
+    return model, manifest

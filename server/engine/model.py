@@ -1,0 +1,192 @@
+"""The engine's own decoder: Llama-style and Gemma-3 text models with an explicit KV cache.
+
+Written for decode speed on small CPUs: q/k/v and gate/up projections are fused
+into one matmul each (fewer kernel launches and Python calls per token), RoPE
+tables are precomputed, and prefill can skip the vocabulary projection for all
+but the last position (262k-wide for Gemma-3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelArgs
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps = eps
+        self.offset = offset  # Gemma stores w and scales by (1 + w)
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (self.offset + self.weight.float())).to(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # HF "rotate_half" layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, hd); cos/sin (T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.scale = args.attn_scale
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        b, t, _ = x.shape
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.hidden = args.hidden_dim
+        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.act = F.silu if args.activation == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        eps, off = args.norm_eps, args.norm_offset
+        self.attn_norm = RMSNorm(args.dim, eps, off)
+        self.attn = Attention(args, layer)
+        self.mlp_norm = RMSNorm(args.dim, eps, off)
+        self.mlp = MLP(args)
+        self.sandwich = args.sandwich_norm
+        if self.sandwich:
+            self.post_attn_norm = RMSNorm(args.dim, eps, off)
+            self.post_mlp_norm = RMSNorm(args.dim, eps, off)
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        if self.sandwich:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.sandwich:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, max_len: int | None = None):
+        super().__init__()
+        self.args = args
+        self.max_len = max_len or args.max_position_embeddings
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope = {}
+        for theta in sorted(set(args.rope_theta)):
+            cos, sin = rope_tables(args.head_dim, theta, self.max_len)
+            self.register_buffer(f"rope_cos_{len(self._rope)}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{len(self._rope)}", sin, persistent=False)
+            self._rope[theta] = len(self._rope)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embeddings(ids)
+        return x * self.args.embed_scale if self.args.embed_scale != 1.0 else x
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        if max_len > self.max_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's max_len {self.max_len}")
+        a = self.args
+        dtype = dtype or self.compute_dtype
+        return KVCache(a.n_layers, batch, a.n_kv_heads, max_len, a.head_dim, dtype, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def _masks(self, start: int, t: int, device) -> dict:
+        """Boolean masks (T, S) keyed by window size; None where nothing needs masking."""
+        masks = {}
+        end = start + t
+        for w in set(self.args.sliding_window):
+            if t == 1 and (w is None or end <= w):
+                masks[w] = None  # a single new query may see every cached key
+                continue
+            q_pos = torch.arange(start, end, device=device)[:, None]
+            k_pos = torch.arange(end, device=device)[None, :]
+            m = k_pos <= q_pos
+            if w is not None:
+                m = m & (q_pos - k_pos < w)
+            masks[w] = m
+        return masks
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+
+        With a cache, the new tokens sit at positions [cache.pos, cache.pos + T) and the cache
+        advances by T; without one this is a plain causal forward from position 0.
+        """
+        b, t = ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + t > self.max_len:
+            raise ValueError(f"sequence length {start + t} exceeds max_len {self.max_len}")
+        x = self.embed(ids).to(self.compute_dtype)
+        masks = self._masks(start, t, ids.device)
+        tables = {}
+        for theta, i in self._rope.items():
+            cos = getattr(self, f"rope_cos_{i}")[start:start + t].to(x.dtype)
+            sin = getattr(self, f"rope_sin_{i}")[start:start + t].to(x.dtype)
+            tables[theta] = (cos, sin)
+        for layer, block in enumerate(self.layers):
+            cos, sin = tables[self.args.rope_theta[layer]]
+            x = block(x, cos, sin, masks[self.args.sliding_window[layer]], cache)
+        if cache is not None:
+            cache.advance(t)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()

@@ -1,0 +1,93 @@
+"""INT8 weight formats the engine can run.
+
+Storage: symmetric per-output-channel int8 (`name` int8 + `name_scale` fp32, w ≈ q * scale).
+Two runtimes over the same stored weights, chosen at load time:
+- "weight_only" (W8A16): bf16 activations, int8 weights (`torch._weight_int8pack_mm`).
+- "dynamic" (W8A8): FBGEMM's dynamic-quantized linear (`quantized::linear_dynamic`).
+We call the FBGEMM op directly rather than torch.ao's deprecated eager workflow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) float -> (q int8 (out, in), scale fp32 (out,)), symmetric, per output row."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+class Int8DynamicLinear(nn.Module):
+    """W8A8: int8 weights, activations quantized per call (per tensor, i.e. per token at
+    decode) by FBGEMM. Fastest int8 path on x86, but sensitive to activation outliers."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        out_f, in_f = q.shape
+        self.in_features, self.out_features = in_f, out_f
+        qweight = torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros(out_f, dtype=torch.long), axis=0)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        # reduce_range (7-bit activations) only exists to avoid int16 overflow in the
+        # pre-VNNI AVX2 kernel; with VNNI the full 8-bit range is exact and measurably better.
+        self.reduce_range = not _cpu_has_vnni()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, self.reduce_range)
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """W8A16: int8 weights dequantized inside the kernel, bf16 activations
+    (`torch._weight_int8pack_mm`, the kernel gpt-fast uses for CPU int8). Near-lossless."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.out_features = q.shape[0]
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.act_dtype = act_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.q, self.scale)
+        return y.view(*shape[:-1], self.out_features)
+
+
+INT8_KERNELS = {"dynamic": Int8DynamicLinear, "weight_only": Int8WeightOnlyLinear}
+
+
+def int8_linear(q: torch.Tensor, scale: torch.Tensor, kernel: str = "weight_only") -> nn.Module:
+    if kernel not in INT8_KERNELS:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; choose from {sorted(INT8_KERNELS)}")
+    return INT8_KERNELS[kernel](q, scale)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup from int8 rows: only the looked-up rows are dequantized."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.float())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q[ids].float() * self.scale[ids].unsqueeze(-1)
