@@ -1,0 +1,87 @@
+"""OpenAI-compatible inference server for compressed artifacts.
+
+Run:
+    python -m server                                    # default artifact (built on first run)
+    python -m server --artifact artifacts/smollm2-135m-instruct-int8 --port 8000
+    python -m server --artifact chat=artifacts/a --artifact base=artifacts/b --api-key KEY1 --api-key KEY2
+Then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"model": "smollm2-135m-instruct-int8", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
+
+DEFAULT_SOURCE = "smollm2-135m-instruct"
+DEFAULT_RECIPE = "int8"
+DEFAULT_ARTIFACT = Path("artifacts") / f"{DEFAULT_SOURCE}-{DEFAULT_RECIPE}"
+
+
+def ensure_default_artifact() -> Path:
+    """Build the default artifact from the packaged SmolLM2 GGUF if it is not there yet."""
+    if not (DEFAULT_ARTIFACT / "manifest.json").is_file():
+        from compress.__main__ import main as compress_main
+
+        print(f"building default artifact {DEFAULT_ARTIFACT} (one-time)", flush=True)
+        rc = compress_main(["build", "--source", DEFAULT_SOURCE, "--recipe", DEFAULT_RECIPE,
+                            "--out", str(DEFAULT_ARTIFACT)])
+        if rc:
+            sys.exit(rc)
+    return DEFAULT_ARTIFACT
+
+
+def parse_args(argv: list[str] | None = None):
+    from .config import ServerConfig
+
+    d = ServerConfig()
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", action="append", default=[], metavar="[NAME=]DIR",
+                   help="artifact to serve (repeatable; the name defaults to the directory name)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); "
+                   "also read from HYBRID_API_KEYS (comma-separated)")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window n_ctx")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
+    p.add_argument("--max-tokens-default", type=int, default=None, help="max_tokens when a request sets none")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
+    return a, ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
+                           max_model_len=a.max_model_len, max_queue=a.max_queue,
+                           max_tokens_default=a.max_tokens_default, threads=a.threads,
+                           verify_checksums=not a.no_verify)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, cfg = parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from compress.artifact import ArtifactError, read_manifest, verify
+
+    if not cfg.artifacts:
+        cfg.artifacts = [str(ensure_default_artifact())]
+    # Fail fast, before binding the port, on a missing or tampered artifact.
+    for name, path in cfg.model_paths().items():
+        try:
+            verify(path) if cfg.verify_checksums else read_manifest(path)
+        except ArtifactError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=a.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""App factory: `create_app(ServerConfig)` -> FastAPI app with thin OpenAI-compatible routes.
+
+Models load in a background thread started by the lifespan, so /health can answer 503
+while loading; nothing is parsed or loaded at import time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+from .config import ServerConfig
+from .metrics import Metrics
+from .runner import load_model
+from .serving import APIError, Serving
+
+log = logging.getLogger("server")
+
+
+class AppState:
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.serving: Serving | None = None
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        try:
+            if self.cfg.threads:
+                torch.set_num_threads(self.cfg.threads)
+            t0 = time.perf_counter()
+            models = {}
+            for name, path in self.cfg.model_paths().items():
+                models[name] = load_model(path, name, self.cfg.max_model_len, self.cfg.verify_checksums)
+            if not models:
+                raise ValueError("no artifact configured")
+            self.serving = Serving(models, self.cfg, self.metrics)
+            log.info("loaded %s in %.1fs", ", ".join(models), time.perf_counter() - t0)
+        except Exception as e:  # surfaced on /health and on every request
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("model load failed: %s", self.load_error)
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
+    return JSONResponse(P.ErrorResponse(error=P.ErrorDetail(message=message, type=type, param=param, code=code))
+                        .model_dump(), status_code=status, headers=headers)
+
+
+def create_app(cfg: ServerConfig) -> FastAPI:
+    state = AppState(cfg)
+
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=state.load, name="model-loader", daemon=True)
+        loader.start()
+        yield
+        if state.serving is not None:
+            state.serving.scheduler.shutdown()
+
+    app = FastAPI(title="hybrid-llm", lifespan=lifespan)
+    app.state.hybrid = state
+
+    def serving() -> Serving:
+        if state.load_error:
+            raise APIError(503, f"model failed to load: {state.load_error}", type="server_error", code="load_failed")
+        if state.serving is None:
+            raise APIError(503, "model is still loading", type="server_error", code="loading",
+                           headers={"Retry-After": str(cfg.retry_after_s)})
+        return state.serving
+
+    def authorize(request: Request) -> None:
+        if not cfg.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # Compare against every key without short-circuit so timing reveals nothing.
+        ok = False
+        for key in cfg.api_keys:
+            ok |= hmac.compare_digest(token.strip().encode(), key.encode())
+        if scheme.lower() != "bearer" or not ok:
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           type="authentication_error", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return _error(400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}: {er.get('msg')}"
+                        for er in errs[:5])
+        return _error(400, f"invalid request: {msg}", param=".".join(loc) or None, code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, str(e.detail), type=kind)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return _error(500, f"internal error: {type(e).__name__}", type="server_error")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        if state.load_error:
+            return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
+        if state.serving is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return serving().model_list()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        return await serving().chat(req, request)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(req: P.CompletionRequest, request: Request):
+        return await serving().completion(req, request)
+
+    return app

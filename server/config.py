@@ -1,0 +1,28 @@
+"""Server configuration: a plain dataclass; `python -m server` fills it from flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    artifacts: list[str] = field(default_factory=list)  # "DIR" or "NAME=DIR"; the first is the default model
+    host: str = "127.0.0.1"  # loopback unless the operator opts in to exposure
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)  # Bearer keys accepted on /v1/*; empty = no auth
+    max_model_len: int = 4096  # context window (n_ctx), capped by the model's own limit
+    max_queue: int = 16  # waiting requests beyond the running one; more get 429
+    max_tokens_default: int | None = None  # when a request sets no max_tokens; None = rest of the window
+    threads: int | None = None  # torch intra-op threads; None = torch default
+    verify_checksums: bool = True  # refuse artifacts whose files don't match the manifest
+    retry_after_s: int = 2  # Retry-After sent with 429 / 503
+
+    def model_paths(self) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for spec in self.artifacts:
+            name, sep, path = spec.partition("=")
+            p = Path(path if sep else spec)
+            out[name if sep else p.name] = p
+        return out

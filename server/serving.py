@@ -1,0 +1,273 @@
+"""The serving class: request -> prompt ids -> job on the worker -> OpenAI responses/chunks.
+
+Text (detokenization, stop strings) is produced on the worker thread, next to the
+tokens, so a matched stop string ends generation at once; the event loop only formats
+JSON and SSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from . import protocol as P
+from .config import ServerConfig
+from .detok import IncrementalDetokenizer, StopMatcher
+from .engine.generate import SamplingParams, generate
+from .metrics import Metrics
+from .runner import LoadedModel
+from .scheduler import Job, QueueFull, Scheduler
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return P.ErrorResponse(error=P.ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                                   code=self.code)).model_dump()
+
+
+@dataclass
+class _Row:
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    tokens: int = 0
+    finish_reason: str | None = None
+    text: list[str] = field(default_factory=list)
+
+
+def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams):
+    """Build the worker-side generator: yields ("step", [(row, text, finish)], t) and ("usage", n)."""
+
+    def work(cancel: threading.Event) -> Iterator[tuple]:
+        rows = [_Row(IncrementalDetokenizer(lm.tokenizer, prompt_ids), StopMatcher(params.stop)) for _ in range(params.n)]
+        finished = [False] * params.n
+        for step in generate(lm.model, prompt_ids, params, lm.eos_ids, cancel, finished):
+            deltas = []
+            for i, r in enumerate(rows):
+                if not step.active[i]:
+                    continue
+                r.tokens += 1
+                if step.eos[i]:
+                    text = r.stop.feed(r.detok.flush()) + r.stop.flush()
+                    r.finish_reason = "stop"
+                else:
+                    text = r.stop.feed(r.detok.push(step.tokens[i]))
+                    if r.stop.stopped:
+                        finished[i] = True  # generate() stops decoding this row
+                        r.finish_reason = "stop"
+                deltas.append((i, text, r.finish_reason))
+            yield ("step", deltas, time.perf_counter())
+        final = []
+        for i, r in enumerate(rows):
+            if r.finish_reason is None:  # token budget reached (or cancelled)
+                text = r.stop.feed(r.detok.flush()) + r.stop.flush()
+                r.finish_reason = "stop" if r.stop.stopped else "length"
+                final.append((i, text, r.finish_reason))
+        if final:
+            yield ("step", final, time.perf_counter())
+        yield ("usage", sum(r.tokens for r in rows))
+
+    return work
+
+
+class Serving:
+    def __init__(self, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics):
+        self.models = models
+        self.default_model = next(iter(models))
+        self.cfg = cfg
+        self.metrics = metrics
+        self.scheduler = Scheduler(cfg.max_queue, metrics.set_queue_state)
+
+    def model_for(self, name: str) -> LoadedModel:
+        if name in self.models:
+            return self.models[name]
+        raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(self.models)}",
+                       param="model", code="model_not_found")
+
+    def model_list(self) -> P.ModelList:
+        return P.ModelList(data=[
+            P.ModelCard(id=name, created=int(lm.path.stat().st_mtime), max_model_len=lm.max_model_len,
+                        meta={"arch": lm.manifest.get("arch"), "recipe": lm.manifest.get("recipe"),
+                              "dtype": lm.manifest.get("dtype"), "chat_template": lm.has_chat_template,
+                              "n_params": lm.manifest.get("n_params")})
+            for name, lm in self.models.items()])
+
+    # ---- request preparation ----------------------------------------------------------
+
+    def _params(self, req: P._SamplingRequest, lm: LoadedModel, n_prompt: int, extra_stops: list[str]) -> SamplingParams:
+        n_ctx = lm.max_model_len
+        if n_prompt == 0:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if n_prompt >= n_ctx:
+            raise APIError(400, f"the prompt has {n_prompt} tokens (n_prompt_tokens={n_prompt}) but the context "
+                                f"window is {n_ctx} (n_ctx={n_ctx}); shorten the prompt",
+                           param="messages", code="context_length_exceeded")
+        room = n_ctx - n_prompt
+        asked = req.requested_max_tokens()
+        if asked is not None and asked > room:
+            raise APIError(400, f"max_tokens={asked} plus the prompt's {n_prompt} tokens exceeds the context window "
+                                f"n_ctx={n_ctx}; at most {room} tokens can be generated",
+                           param="max_tokens", code="context_length_exceeded")
+        max_tokens = asked or min(room, self.cfg.max_tokens_default or room)
+        params = req.to_sampling_params(max_tokens)
+        params.stop = params.stop + [s for s in extra_stops if s not in params.stop]
+        return params
+
+    def _check(self, req: P._SamplingRequest) -> None:
+        bad = req.unsupported()
+        if bad:
+            raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
+
+    def _submit(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> Job:
+        job = Job(work=generation_work(lm, prompt_ids, params), loop=asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"server is busy: {e}; retry later", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(self.cfg.retry_after_s)}) from e
+        return job
+
+    # ---- endpoints --------------------------------------------------------------------
+
+    async def chat(self, req: P.ChatCompletionRequest, request: Request):
+        self._check(req)
+        lm = self.model_for(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        prompt_ids, stops = lm.encode_chat(messages)
+        params = self._params(req, lm, len(prompt_ids), stops)
+        return await self._respond(req, lm, prompt_ids, params, request, chat=True)
+
+    async def completion(self, req: P.CompletionRequest, request: Request):
+        self._check(req)
+        lm = self.model_for(req.model)
+        try:
+            prompt_ids = lm.encode_prompt(req.prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from e
+        params = self._params(req, lm, len(prompt_ids), [])
+        return await self._respond(req, lm, prompt_ids, params, request, chat=False)
+
+    async def _respond(self, req, lm: LoadedModel, prompt_ids, params, request: Request, chat: bool):
+        arrived = time.perf_counter()
+        job = self._submit(lm, prompt_ids, params)
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        created = P.now()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            sse = self._sse(job, lm, rid, created, len(prompt_ids), params.n, chat, include_usage, arrived)
+            return StreamingResponse(sse, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(self._watch_disconnect(request, job))
+        try:
+            texts, finish, completion_tokens = ["" for _ in range(params.n)], [None] * params.n, 0
+            async for kind, payload in self._events(job, lm, arrived, len(prompt_ids)):
+                if kind == "step":
+                    for i, text, fin in payload:
+                        texts[i] += text
+                        finish[i] = fin or finish[i]
+                elif kind == "usage":
+                    completion_tokens = payload
+        finally:
+            watcher.cancel()
+        usage = P.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
+                        total_tokens=len(prompt_ids) + completion_tokens)
+        if chat:
+            body = P.ChatCompletionResponse(id=rid, created=created, model=lm.name, usage=usage, choices=[
+                P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f or "length")
+                for i, (t, f) in enumerate(zip(texts, finish))])
+        else:
+            body = P.CompletionResponse(id=rid, created=created, model=lm.name, usage=usage, choices=[
+                P.CompletionChoice(index=i, text=t, finish_reason=f or "length")
+                for i, (t, f) in enumerate(zip(texts, finish))])
+        return JSONResponse(body.model_dump())
+
+    async def _events(self, job: Job, lm: LoadedModel, arrived: float, n_prompt: int) -> AsyncIterator[tuple]:
+        """Worker events with metrics applied; raises APIError on a worker failure."""
+        m, last = self.metrics, None
+        while True:
+            event = await job.events.get()
+            kind = event[0]
+            if kind == "end":
+                m.e2e.labels(lm.name).observe(time.perf_counter() - arrived)
+                return
+            if kind == "error":
+                raise APIError(500, f"generation failed: {event[1]}", type="server_error", code="generation_failed")
+            if kind == "step":
+                t = event[2]
+                if last is None:
+                    m.queue_time.labels(lm.name).observe((job.started_at or t) - job.enqueued_at)
+                    m.ttft.labels(lm.name).observe(t - arrived)
+                    m.prompt_tokens.labels(lm.name).inc(n_prompt)
+                else:
+                    m.itl.labels(lm.name).observe(t - last)
+                last = t
+                yield kind, event[1]
+            elif kind == "usage":
+                m.generation_tokens.labels(lm.name).inc(event[1])
+                yield kind, event[1]
+
+    async def _watch_disconnect(self, request: Request, job: Job) -> None:
+        while not job.cancel.is_set():
+            if await request.is_disconnected():
+                job.cancel.set()
+                self.metrics.cancelled.inc()
+                return
+            await asyncio.sleep(0.1)
+
+    async def _sse(self, job, lm, rid, created, n_prompt, n, chat, include_usage, arrived) -> AsyncIterator[str]:
+        completed = False
+
+        def chunk(choices, usage=None) -> str:
+            if chat:
+                obj = P.ChatCompletionChunk(id=rid, created=created, model=lm.name, choices=choices, usage=usage)
+            else:
+                obj = P.CompletionResponse(id=rid, created=created, model=lm.name, choices=choices, usage=usage)
+            d = obj.model_dump()
+            if not include_usage:
+                d.pop("usage", None)
+            for c in d["choices"]:  # OpenAI omits unset delta fields rather than sending nulls
+                if "delta" in c:
+                    c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:  # OpenAI: the first chunk of each choice carries the role
+                yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
+                             for i in range(n)])
+            async for kind, payload in self._events(job, lm, arrived, n_prompt):
+                if kind == "step":
+                    choices = []
+                    for i, text, fin in payload:
+                        if not text and not fin:
+                            continue
+                        if chat:
+                            choices.append(P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=text or None),
+                                                             finish_reason=fin))
+                        else:
+                            choices.append(P.CompletionChoice(index=i, text=text, finish_reason=fin))
+                    if choices:
+                        yield chunk(choices)
+                elif kind == "usage" and include_usage:
+                    yield chunk([], P.Usage(prompt_tokens=n_prompt, completion_tokens=payload,
+                                            total_tokens=n_prompt + payload))
+            completed = True
+        except APIError as e:
+            completed = True
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            if not completed:  # the client went away: stop the worker within a token
+                job.cancel.set()
+                self.metrics.cancelled.inc()
+        yield "data: [DONE]\n\n"
