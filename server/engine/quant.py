@@ -62,7 +62,9 @@ class Int8WeightOnlyLinear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.out_features = q.shape[0]
-        self.register_buffer("q", q.contiguous())
+        # clone: tensors from safetensors can sit at unaligned offsets of one shared buffer,
+        # and this kernel's vector loads segfault on them (seen with a tiny 64x64 weight).
+        self.register_buffer("q", q.contiguous().clone())
         self.register_buffer("scale", scale.to(act_dtype))
         self.act_dtype = act_dtype
 

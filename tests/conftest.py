@@ -1,0 +1,171 @@
+"""Fixtures: tiny random models and tokenizers built in-process (nothing is downloaded),
+artifacts built by the real `compress` code, and a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "Unicode: héllo wörld, naïve café, 你好世界, emoji 🙂 and more.",
+    "def add(a, b):\n    return a + b\n",
+    "One two three four five six seven eight nine ten.",
+] * 20
+
+
+def make_tokenizer(chat_template: str | None = CHATML, add_bos: bool = False):
+    """A byte-level BPE trained on a few sentences: tiny, but round-trips any UTF-8."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<bos>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    if add_bos:
+        bos_id = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<bos>",
+                                   pad_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def save_tiny_llama(path: Path, seed: int = 0, tie: bool = True) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger-than-default weights give peaky, non-degenerate distributions
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_tiny_gemma3(path: Path, seed: int = 0, sliding_window: int = 4) -> Path:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = make_tokenizer(chat_template=None, add_bos=True)
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                           sliding_window=sliding_window, layer_types=["sliding_attention", "sliding_attention",
+                                                                       "full_attention"],
+                           query_pre_attn_scalar=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5 if p.dim() == 2 else 0.1)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def gemma_dir(tmp_path_factory) -> Path:
+    return save_tiny_gemma3(tmp_path_factory.mktemp("gemma") / "tiny-gemma")
+
+
+def build_artifact(model_dir: Path, out: Path, recipe: str = "none") -> Path:
+    from compress.build import build
+
+    build(model_dir, out, recipe, {"model_dir": str(model_dir)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_artifact(llama_dir, tmp_path_factory) -> Path:
+    return build_artifact(llama_dir, tmp_path_factory.mktemp("art") / "tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def gemma_artifact(gemma_dir, tmp_path_factory) -> Path:
+    return build_artifact(gemma_dir, tmp_path_factory.mktemp("art") / "tiny-base")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a thread on a loopback port; stops on close()."""
+
+    def __init__(self, cfg):
+        import uvicorn
+
+        from server.app import create_app
+
+        cfg.port = free_port()
+        self.app = create_app(cfg)
+        self.url = f"http://127.0.0.1:{cfg.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=cfg.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def wait(self, status: int = 200, timeout: float = 60.0) -> "LiveServer":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == status:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not reach /health {status}")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live(llama_artifact, gemma_artifact):
+    from server.config import ServerConfig
+
+    srv = LiveServer(ServerConfig(artifacts=[f"tiny-chat={llama_artifact}", f"tiny-base={gemma_artifact}"],
+                                  max_model_len=128, max_queue=4)).wait()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def client(live):
+    from openai import OpenAI
+
+    return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
