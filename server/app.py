@@ -56,6 +56,31 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
                         .model_dump(), status_code=status, headers=headers)
 
 
+class RequestCounter:
+    """Counts responses by route and status. Plain ASGI middleware rather than
+    @app.middleware (BaseHTTPMiddleware): no extra task or response re-wrapping per
+    request, so SSE streams and their cancellation pass straight through."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
 def create_app(cfg: ServerConfig) -> FastAPI:
     state = AppState(cfg)
 
@@ -115,12 +140,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         log.exception("unhandled error")
         return _error(500, f"internal error: {type(e).__name__}", type="server_error")
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestCounter, metrics=state.metrics)
 
     @app.get("/health")
     async def health():

@@ -11,7 +11,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -47,8 +47,10 @@ class _Row:
     text: list[str] = field(default_factory=list)
 
 
-def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams):
-    """Build the worker-side generator: yields ("step", [(row, text, finish)], t) and ("usage", n)."""
+def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams,
+                    on_tokens: Callable[[int], None] = lambda n: None):
+    """Build the worker-side generator: yields ("step", [(row, text, finish)], t) and ("usage", n).
+    `on_tokens` is told of every generated token as it happens, cancelled requests included."""
 
     def work(cancel: threading.Event) -> Iterator[tuple]:
         rows = [_Row(IncrementalDetokenizer(lm.tokenizer, prompt_ids), StopMatcher(params.stop)) for _ in range(params.n)]
@@ -68,6 +70,7 @@ def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingPara
                         finished[i] = True  # generate() stops decoding this row
                         r.finish_reason = "stop"
                 deltas.append((i, text, r.finish_reason))
+            on_tokens(len(deltas))
             yield ("step", deltas, time.perf_counter())
         final = []
         for i, r in enumerate(rows):
@@ -131,7 +134,8 @@ class Serving:
             raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
 
     def _submit(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> Job:
-        job = Job(work=generation_work(lm, prompt_ids, params), loop=asyncio.get_running_loop())
+        counter = self.metrics.generation_tokens.labels(lm.name)
+        job = Job(work=generation_work(lm, prompt_ids, params, counter.inc), loop=asyncio.get_running_loop())
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -215,7 +219,6 @@ class Serving:
                 last = t
                 yield kind, event[1]
             elif kind == "usage":
-                m.generation_tokens.labels(lm.name).inc(event[1])
                 yield kind, event[1]
 
     async def _watch_disconnect(self, request: Request, job: Job) -> None:
