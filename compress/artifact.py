@@ -141,7 +141,8 @@ def load_engine_model(root: Path, max_len: int | None = None, check: bool = True
     manifest = verify(root) if check else read_manifest(root)
     config = json.loads((root / "config.json").read_text())
     args = ModelArgs.from_hf_config(config)
-    dtype = getattr(torch, manifest.get("dtype", "float32")) if manifest.get("dtype") in ("float32", "float16", "bfloat16") else torch.float32
+    float_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    dtype = float_dtypes.get(manifest.get("dtype"), torch.float32)  # int8 kernels fix their own
     kernel = int8_kernel or manifest.get("int8_kernel") or "weight_only"
     model = build_model(args, load_state(root), dtype=dtype, max_len=max_len, int8_kernel=kernel)
     return model, manifest

@@ -51,7 +51,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
     model_config = ConfigDict(extra="ignore")
 
@@ -106,7 +106,7 @@ class _SamplingRequest(BaseModel):
                               ignore_eos=self.ignore_eos)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict | None = None
@@ -124,7 +124,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return super().unsupported()
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
     echo: bool = False
     suffix: str | None = None

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import protocol as P
@@ -109,7 +110,7 @@ class Serving:
 
     # ---- request preparation ----------------------------------------------------------
 
-    def _params(self, req: P._SamplingRequest, lm: LoadedModel, n_prompt: int, extra_stops: list[str]) -> SamplingParams:
+    def _params(self, req: P.SamplingRequest, lm: LoadedModel, n_prompt: int, extra_stops: list[str]) -> SamplingParams:
         n_ctx = lm.max_model_len
         if n_prompt == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -128,7 +129,7 @@ class Serving:
         params.stop = params.stop + [s for s in extra_stops if s not in params.stop]
         return params
 
-    def _check(self, req: P._SamplingRequest) -> None:
+    def _check(self, req: P.SamplingRequest) -> None:
         bad = req.unsupported()
         if bad:
             raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
@@ -149,7 +150,10 @@ class Serving:
         self._check(req)
         lm = self.model_for(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt_ids, stops = lm.encode_chat(messages)
+        try:
+            prompt_ids, stops = lm.encode_chat(messages)
+        except TemplateError as e:  # e.g. a template that rejects this role order
+            raise APIError(400, f"the model's chat template rejected these messages: {e}", param="messages") from e
         params = self._params(req, lm, len(prompt_ids), stops)
         return await self._respond(req, lm, prompt_ids, params, request, chat=True)
 

