@@ -6,7 +6,9 @@ Run:
     python -m compress build --model-dir path/to/hf_model --recipe bf16 --out artifacts/my-bf16
     python -m compress eval artifacts/smollm2-int8               # perplexity, prefill/decode tok/s, size
     python -m compress inspect artifacts/smollm2-int8            # manifest: params, size, precision
-Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic.
+    python -m compress build --source gemma3-270m --recipe "prune(layers=4-11),svd(energy=0.9),int8"
+Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic,
+prune(...) (stochastic-consensus pruning), svd(...) (low-rank re-densification).
 """
 
 from __future__ import annotations
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     src = b.add_mutually_exclusive_group()
     src.add_argument("--source", help="packaged source model (see `sources`)")
     src.add_argument("--model-dir", help="a local Hugging Face model directory (safetensors)")
-    b.add_argument("--recipe", default="none", help="comma-separated steps: none, fp16, bf16, int8, int8-dynamic")
+    b.add_argument("--recipe", default="none",
+                   help="comma-separated steps, each optionally with parameters: none, fp16, bf16, int8, "
+                        "int8-dynamic, prune(chunk_size=15,n_masks=500,mask_sparsity=0.5,top_k=20,modules=mlp,"
+                        "layers=all), svd(rank=4,energy=0,modules=mlp); lists inside a value use '+'")
     b.add_argument("--out", help="artifact directory (default artifacts/<source>-<recipe>)")
     b.add_argument("--force", action="store_true", help="replace an existing artifact")
     b.set_defaults(fn=cmd_build)

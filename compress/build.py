@@ -33,16 +33,20 @@ def load_hf_dir(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(config_path.read_text()), state
 
 
-def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = False) -> dict:
+def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = False, progress: bool = True) -> dict:
     steps = parse_recipe(recipe)
     config, state = load_hf_dir(model_dir)
     args = ModelArgs.from_hf_config(config)  # refuses architectures the engine cannot serve
     if args.tie_embeddings:
         state.pop("lm_head.weight", None)
-    n_params = sum(t.numel() for t in state.values())
-    ctx: dict = {"dtype": "float32", "int8_kernel": None}
-    for step in tqdm(steps, desc="recipe", disable=len(steps) == 1):
+    source_params = sum(t.numel() for t in state.values())
+    ctx: dict = {"dtype": "float32", "int8_kernel": None, "config": config, "model_dir": model_dir,
+                 "progress": progress}
+    for step in steps:
         state = step.apply(state, ctx)
+    # Parameters as stored (scales excluded; pruned zeros still count: they are stored densely).
+    n_params = sum(t.numel() for k, t in state.items() if not k.endswith("_scale"))
+    lowrank = any(k.endswith("_lr_a") for k in state)
     float_dtype = ctx["dtype"] if ctx["dtype"] in ("float16", "bfloat16") else "float32"
     config = {**config, "dtype": float_dtype, "torch_dtype": float_dtype}
 
@@ -60,8 +64,9 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
             "steps": [s.record() for s in steps],
             "dtype": ctx["dtype"],
             "int8_kernel": ctx["int8_kernel"],
-            "hf_loadable": ctx["dtype"] != "int8",
+            "hf_loadable": ctx["dtype"] != "int8" and not lowrank,
             "n_params": n_params,
+            "source_n_params": source_params,
             "chat_template": _has_chat_template(model_dir),
             "eval": {},
         }

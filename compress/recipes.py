@@ -8,7 +8,7 @@ runtime). Steps chain left to right, e.g. `--recipe bf16` or later
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -45,9 +45,9 @@ class CastStep(Step):
 
 
 def _is_quantizable(name: str, t: torch.Tensor) -> bool:
-    # Every 2-D weight: projections, MLP, embedding (which is also the tied LM head).
-    # Norm weights are 1-D and stay in float.
-    return t.dim() == 2 and name.endswith(".weight") and t.is_floating_point()
+    # Every 2-D weight: projections, MLP, embedding (which is also the tied LM head), and
+    # SVD factors. Norm weights are 1-D and stay in float.
+    return t.dim() == 2 and name.endswith((".weight", "_lr_a", "_lr_b")) and t.is_floating_point()
 
 
 @dataclass
@@ -73,23 +73,73 @@ class Int8Step(Step):
         return out
 
 
-STEPS = {
-    "none": Step,
-    "fp16": lambda: CastStep("float16"),
-    "bf16": lambda: CastStep("bfloat16"),
-    "int8": lambda: Int8Step("weight_only"),
-    "int8-dynamic": lambda: Int8Step("dynamic"),
-}
+def _registry() -> dict:
+    from .prune import ConsensusPruneStep, SVDStep  # imports Step from here
+
+    return {
+        "none": Step,
+        "fp16": lambda **kw: CastStep("float16", **kw),
+        "bf16": lambda **kw: CastStep("bfloat16", **kw),
+        "int8": lambda **kw: Int8Step(kernel="weight_only", **kw),
+        "int8-dynamic": lambda **kw: Int8Step(kernel="dynamic", **kw),
+        "prune": ConsensusPruneStep,
+        "svd": SVDStep,
+    }
+
+
+STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd"]
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside parentheses: 'prune(n_masks=200,layers=0-3),svd' -> 2 items."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth < 0:
+            raise RecipeError(f"unbalanced parentheses in recipe {text!r}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise RecipeError(f"unbalanced parentheses in recipe {text!r}")
+    return [p.strip() for p in parts + [cur] if p.strip()]
+
+
+def _make(name: str, args: str, factory) -> Step:
+    kwargs = {}
+    probe = factory()
+    types = {f.name: type(getattr(probe, f.name)) for f in fields(probe)}
+    for item in _split_top(args):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types or key == "stats":
+            raise RecipeError(f"step {name}: unknown parameter {key!r}; known: "
+                              f"{', '.join(k for k in types if k != 'stats') or 'none'}")
+        try:
+            kwargs[key] = types[key](value.strip())
+        except ValueError as e:
+            raise RecipeError(f"step {name}: {key}={value.strip()!r} is not a valid {types[key].__name__}") from e
+    return factory(**kwargs)
 
 
 def parse_recipe(recipe: str) -> list[Step]:
-    names = [n.strip() for n in recipe.split(",") if n.strip()]
-    if not names:
+    """'prune(n_masks=200,layers=0-3),svd(rank=8),int8' -> steps; lists inside a value use '+'."""
+    items = _split_top(recipe)
+    if not items:
         raise RecipeError("empty recipe")
-    unknown = [n for n in names if n not in STEPS]
-    if unknown:
-        raise RecipeError(f"unknown recipe step(s) {', '.join(unknown)}; known: {', '.join(STEPS)}")
-    steps = [STEPS[n]() for n in names]
+    registry = _registry()
+    steps = []
+    for item in items:
+        name, _, rest = item.partition("(")
+        name = name.strip()
+        if name not in registry:
+            raise RecipeError(f"unknown recipe step(s) {name}; known: {', '.join(STEP_NAMES)}")
+        if rest and not rest.endswith(")"):
+            raise RecipeError(f"malformed step {item!r}")
+        steps.append(_make(name, rest[:-1], registry[name]))
     quant = [s for s in steps if isinstance(s, (CastStep, Int8Step))]
     if len(quant) > 1:
         raise RecipeError("a recipe can hold only one precision step (fp16, bf16, int8 or int8-dynamic)")

@@ -111,3 +111,14 @@ def test_int8_model_stays_close_to_float(llama_dir):
 def test_config_roundtrip_is_json(llama_dir):
     args = ModelArgs.from_hf_config(json.loads((llama_dir / "config.json").read_text()))
     assert ModelArgs(**json.loads(json.dumps(args.to_dict()))) == args
+
+
+@pytest.mark.parametrize("k", [4, 20, 64])
+def test_int8_weight_only_handles_any_inner_size(k):
+    # K not a multiple of 16 used to crash the kernel for batches of rows (SVD factors).
+    torch.manual_seed(0)
+    w, x = torch.randn(32, k), torch.randn(8, k)
+    q, s = quantize_per_channel(w)
+    y = int8_linear(q, s, "weight_only")(x).float()
+    ref = x @ dequantize(q, s).T
+    assert (y - ref).norm() / ref.norm() < 0.03

@@ -1,8 +1,8 @@
-"""Build an engine `Transformer` from Hugging Face-named weights (float or int8).
+"""Build an engine `Transformer` from Hugging Face-named weights (float, int8, low-rank).
 
 HF checkpoints keep q/k/v and gate/up as separate matrices; the engine fuses them at
-load time. Int8 tensors arrive as `<name>` (int8) + `<name>_scale` (fp32 per row),
-the format `compress` writes for the `int8-dynamic` step.
+load time. Int8 tensors arrive as `<name>` (int8) + `<name>_scale` (fp32 per row);
+low-rank factors as `<name>_lr_a` / `<name>_lr_b` (the SVD step), themselves float or int8.
 """
 
 from __future__ import annotations
@@ -25,22 +25,60 @@ def _get(state: dict, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return state[name], state.get(name + "_scale")
 
 
-def _fused(state: dict, names: list[str]):
-    parts = [_get(state, n) for n in names]
-    w = torch.cat([p[0] for p in parts], dim=0)
-    scales = [p[1] for p in parts]
-    if any(s is None for s in scales):
-        if any(s is not None for s in scales):
-            raise ValueError(f"mixed int8/float weights in {names}")
-        return w, None
-    return w, torch.cat(scales, dim=0)
+def _kind(state: dict, name: str) -> str:
+    if name + "_lr_a" in state:
+        return "lowrank"
+    return "int8" if name + "_scale" in state else "float"
 
 
-def _set_linear(parent: nn.Module, attr: str, w: torch.Tensor, scale: torch.Tensor | None, dtype, kernel: str):
-    if scale is None:
-        getattr(parent, attr).weight = nn.Parameter(w.to(dtype), requires_grad=False)
-    else:
-        setattr(parent, attr, int8_linear(w, scale, kernel))
+class LowRank(nn.Module):
+    """W ≈ B @ A stored as two linears (rank r): in -> r -> out."""
+
+    def __init__(self, a: nn.Module, b: nn.Module):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class Parallel(nn.Module):
+    """Projections that cannot share one matmul (e.g. low-rank q next to dense k, v):
+    run each and concatenate, matching the fused layout the model splits."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _dense(w: torch.Tensor, scale: torch.Tensor | None, dtype, kernel: str) -> nn.Module:
+    if scale is not None:
+        return int8_linear(w, scale, kernel)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    return lin
+
+
+def _linear(state: dict, name: str, dtype, kernel: str) -> nn.Module:
+    """One projection: dense float, int8 (`name` + `name_scale`), or low-rank
+    (`name_lr_a` (r, in) and `name_lr_b` (out, r), each float or int8)."""
+    if _kind(state, name) == "lowrank":
+        return LowRank(_linear(state, name + "_lr_a", dtype, kernel), _linear(state, name + "_lr_b", dtype, kernel))
+    return _dense(*_get(state, name), dtype, kernel)
+
+
+def _projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
+    """Fuse same-kind dense parts into one matmul (rows concatenated; int8 scales are per
+    row, so they concatenate too); otherwise run the parts side by side."""
+    kinds = {_kind(state, n) for n in names}
+    if len(names) == 1 or kinds == {"lowrank"} or len(kinds) > 1:
+        parts = [_linear(state, n, dtype, kernel) for n in names]
+        return parts[0] if len(parts) == 1 else Parallel(parts)
+    ws, scales = zip(*(_get(state, n) for n in names))
+    return _dense(torch.cat(ws, dim=0), None if kinds == {"float"} else torch.cat(scales, dim=0), dtype, kernel)
 
 
 def _set_param(module: nn.Module, w: torch.Tensor):
@@ -65,10 +103,11 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
         setattr(model, name, buf)  # fp32 tables, cast per forward like HF does
     for i, block in enumerate(model.layers):
         a, m = _ATTN.format(i=i), _MLP.format(i=i)
-        _set_linear(block.attn, "wqkv", *_fused(state, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]), compute, int8_kernel)
-        _set_linear(block.attn, "wo", *_get(state, a + "o_proj.weight"), compute, int8_kernel)
-        _set_linear(block.mlp, "w13", *_fused(state, [m + "gate_proj.weight", m + "up_proj.weight"]), compute, int8_kernel)
-        _set_linear(block.mlp, "w2", *_get(state, m + "down_proj.weight"), compute, int8_kernel)
+        block.attn.wqkv = _projection(state, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+                                      compute, int8_kernel)
+        block.attn.wo = _projection(state, [a + "o_proj.weight"], compute, int8_kernel)
+        block.mlp.w13 = _projection(state, [m + "gate_proj.weight", m + "up_proj.weight"], compute, int8_kernel)
+        block.mlp.w2 = _projection(state, [m + "down_proj.weight"], compute, int8_kernel)
         p = f"model.layers.{i}."
         _set_param(block.attn_norm, state[p + "input_layernorm.weight"])
         if args.sandwich_norm:
@@ -91,7 +130,7 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     if args.tie_embeddings and emb_scale is None:
         model.output.weight = model.tok_embeddings.weight
     else:
-        _set_linear(model, "output", head, head_scale, compute, int8_kernel)
+        model.output = _dense(head, head_scale, compute, int8_kernel)
     return model.eval()
 
 

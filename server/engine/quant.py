@@ -68,15 +68,21 @@ class Int8WeightOnlyLinear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.out_features = q.shape[0]
+        # The kernel segfaults for more than one row when K is not a multiple of 16 (seen
+        # with rank-4 SVD factors): zero-pad K, which leaves the product unchanged.
+        self.pad = -q.shape[1] % 16
         # clone: tensors from safetensors can sit at unaligned offsets of one shared buffer,
         # and this kernel's vector loads segfault on them (seen with a tiny 64x64 weight).
-        self.register_buffer("q", q.contiguous().clone())
+        self.register_buffer("q", torch.nn.functional.pad(q, (0, self.pad)).contiguous().clone())
         self.register_buffer("scale", scale.to(act_dtype))
         self.act_dtype = act_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.q, self.scale)
+        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
+        if self.pad:
+            x2 = torch.nn.functional.pad(x2, (0, self.pad))
+        y = torch._weight_int8pack_mm(x2, self.q, self.scale)
         return y.view(*shape[:-1], self.out_features)
 
 

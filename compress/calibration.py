@@ -1,0 +1,74 @@
+"""Calibration: run text through the model and accumulate per-projection input statistics.
+
+Forward hooks on the engine's projections feed a running accumulator (wanda's
+`add_batch` idea): for each projection the Gram matrix G = Σ xᵀx of its inputs, from
+which layer-local reconstruction losses ‖(W − W')X‖² = tr((W − W') G (W − W')ᵀ) follow
+exactly. Projections that share an input in the engine (q/k/v; gate/up) share one G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from server.engine.config import ModelArgs
+from server.engine.loader import build_model
+
+
+@dataclass
+class CalibConfig:
+    samples: int = 16  # sequences
+    seq_len: int = 256  # tokens per sequence
+
+
+def calibration_ids(tokenizer, cfg: CalibConfig) -> list[list[int]]:
+    """Consecutive windows of the calibration split (disjoint from the eval split)."""
+    from .data import calibration_text
+
+    ids = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
+    need = cfg.samples * cfg.seq_len
+    if len(ids) < need:
+        raise ValueError(f"calibration text has {len(ids)} tokens, {need} requested")
+    return [ids[i * cfg.seq_len:(i + 1) * cfg.seq_len] for i in range(cfg.samples)]
+
+
+# HF projection name -> (engine module path template, shared-input group)
+_INPUT_OF = {
+    "q_proj": "layers.{i}.attn.wqkv", "k_proj": "layers.{i}.attn.wqkv", "v_proj": "layers.{i}.attn.wqkv",
+    "o_proj": "layers.{i}.attn.wo",
+    "gate_proj": "layers.{i}.mlp.w13", "up_proj": "layers.{i}.mlp.w13",
+    "down_proj": "layers.{i}.mlp.w2",
+}
+
+
+def engine_module_for(hf_name: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> 'layers.3.mlp.w13'."""
+    parts = hf_name.split(".")
+    layer, proj = int(parts[2]), parts[4]
+    return _INPUT_OF[proj].format(i=layer)
+
+
+@torch.inference_mode()
+def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[list[int]],
+                  hf_names: list[str], progress: bool = True) -> dict[str, torch.Tensor]:
+    """Gram matrix of the input of every named projection, keyed by HF weight name."""
+    float_state = {k: v.float() for k, v in state.items() if v.is_floating_point()}
+    model = build_model(ModelArgs.from_hf_config(config), float_state, max_len=max(len(b) for b in batches) + 1)
+    wanted = {engine_module_for(n) for n in hf_names}
+    grams: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, module in model.named_modules():
+        if path in wanted:
+            def hook(mod, inputs, output, path=path):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()  # double: sums of many outer products
+                grams[path] = grams.get(path, 0) + x.T @ x
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        for ids in tqdm(batches, desc="calibration", disable=not progress):
+            model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: grams[engine_module_for(n)].float() for n in hf_names}

@@ -1,0 +1,193 @@
+"""Stochastic-consensus pruning and SVD re-densification (the first seed paper's method).
+
+Consensus pruning, per target matrix W (out, in):
+  1. split every row into chunks of `chunk_size` consecutive weights;
+  2. for each chunk draw `n_masks` random masks that each prune round(mask_sparsity * chunk)
+     of its weights, and score every mask by the layer-local reconstruction loss it causes;
+  3. keep the `top_k` lowest-loss masks and prune only the weights that *all* of them prune.
+
+What is exact and what is not: a chunk lies in one output row, so the loss of a mask on it
+is exactly ‖(W − W')X‖² = v G vᵀ with v the pruned weights of the chunk and G = XᵀX the
+Gram matrix of the layer's calibration inputs (compress.calibration). All masks of all
+chunks of a row batch are scored in one batched einsum, with no forward passes. Chunks are
+scored independently (as in the paper: the loss of two pruned chunks in the same row is not
+the sum of their losses), and every G comes from the unpruned model (no sequential
+re-calibration). The full-model loss per mask is not offered: it costs one forward pass per
+mask per chunk.
+
+SVD re-densification replaces a (pruned) W by B @ A of rank r, stored as two factors
+(`<name>_lr_a` (r, in), `<name>_lr_b` (out, r)) that the engine runs as two linears, so it
+is really smaller and faster when r (in + out) < in * out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .recipes import RecipeError, Step
+
+_GROUPS = {"mlp": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+_GROUPS["all"] = _GROUPS["attn"] + _GROUPS["mlp"]
+
+
+def select_weights(state: dict, modules: str, layers: str) -> list[str]:
+    """HF weight names matching a module selector ("mlp", "attn", "all" or projection
+    names like "up_proj+down_proj") and a layer selector ("all", "3", "0-5", "1+4")."""
+    projs: list[str] = []
+    for m in modules.replace("+", ",").split(","):
+        projs += _GROUPS.get(m.strip(), [m.strip()])
+    keep_layer = (lambda i: True) if layers == "all" else _layer_set(layers).__contains__
+    names = [k for k in state if k.endswith(".weight") and k.startswith("model.layers.")
+             and k.split(".")[4] in projs and keep_layer(int(k.split(".")[2]))]
+    if not names:
+        raise RecipeError(f"no weights match modules={modules!r} layers={layers!r}")
+    return sorted(names, key=lambda k: (int(k.split(".")[2]), k))
+
+
+def _layer_set(spec: str) -> set[int]:
+    out: set[int] = set()
+    for part in spec.replace("+", ",").split(","):
+        a, _, b = part.partition("-")
+        out |= set(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _require_float(state: dict, names: list[str], step: str) -> None:
+    if any(n + "_scale" in state for n in names):
+        raise RecipeError(f"{step} needs float weights: put int8/int8-dynamic after it in the recipe")
+
+
+def chunk_mask_losses(w_chunks: torch.Tensor, g_blocks: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Exact layer-local loss ‖ΔW X‖² of each candidate mask, for a batch of rows.
+
+    w_chunks (R, nb, C) weights; g_blocks (nb, C, C) diagonal blocks of G = XᵀX;
+    masks (R, nb, M, C) True = pruned -> losses (R, nb, M). A chunk's pruned weights v
+    change only its row's output, by X v, so the loss is v G_b vᵀ.
+    """
+    v = w_chunks[:, :, None, :] * masks
+    return torch.einsum("rbmc,bcd,rbmd->rbm", v, g_blocks, v)
+
+
+@torch.no_grad()
+def consensus_mask(w: torch.Tensor, gram: torch.Tensor, chunk: int, n_masks: int, sparsity: float, top_k: int,
+                   generator: torch.Generator, row_batch: int = 8) -> torch.Tensor:
+    """Boolean (out, in): True where all top_k lowest-loss random masks of the chunk prune."""
+    out_f, in_f = w.shape
+    nb = math.ceil(in_f / chunk)
+    pad = nb * chunk - in_f
+    wp = torch.nn.functional.pad(w.float(), (0, pad)).view(out_f, nb, chunk)
+    gp = torch.nn.functional.pad(gram.float(), (0, pad, 0, pad))
+    idx = torch.arange(nb * chunk).view(nb, chunk)
+    g_blocks = gp[idx[:, :, None], idx[:, None, :]]  # (nb, C, C) diagonal blocks of G
+    n_prune = max(1, round(sparsity * chunk))
+    pruned = torch.empty(out_f, nb, chunk, dtype=torch.bool)
+    for r0 in range(0, out_f, row_batch):
+        rows = wp[r0:r0 + row_batch]  # (R, nb, C)
+        r = rows.shape[0]
+        # n_prune random positions per mask: rank of uniform noise < n_prune
+        masks = torch.rand(r, nb, n_masks, chunk, generator=generator).argsort(-1) < n_prune  # (R, nb, M, C)
+        loss = chunk_mask_losses(rows, g_blocks, masks)
+        best = loss.topk(top_k, dim=-1, largest=False).indices  # (R, nb, K)
+        chosen = torch.gather(masks, 2, best[..., None].expand(-1, -1, -1, chunk))  # (R, nb, K, C)
+        pruned[r0:r0 + r] = chosen.all(dim=2)
+    return pruned.view(out_f, nb * chunk)[:, :in_f]
+
+
+def _calibration(state: dict, ctx: dict, names: list[str], samples: int, seq_len: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    from .calibration import CalibConfig, calibration_ids, collect_grams
+
+    tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
+    batches = calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
+    return collect_grams(ctx["config"], state, batches, names, progress=ctx.get("progress", True))
+
+
+@dataclass
+class ConsensusPruneStep(Step):
+    chunk_size: int = 15  # weights per chunk (the paper's 15)
+    n_masks: int = 500  # random candidate masks per chunk (paper: 500-1000)
+    mask_sparsity: float = 0.5  # fraction of a chunk each candidate prunes
+    top_k: int = 20  # lowest-loss masks whose intersection is pruned
+    modules: str = "mlp"  # "mlp", "attn", "all" or projection names
+    layers: str = "all"  # "all", "3", "0-5", "1+4"
+    calib_samples: int = 16
+    calib_seq_len: int = 256
+    seed: int = 0
+    stats: dict = field(default_factory=dict, repr=False)
+
+    name = "prune"
+
+    def apply(self, state, ctx):
+        if not 0 < self.mask_sparsity < 1 or self.top_k > self.n_masks or self.chunk_size < 2:
+            raise RecipeError("prune: need 0 < mask_sparsity < 1, top_k <= n_masks, chunk_size >= 2")
+        names = select_weights(state, self.modules, self.layers)
+        _require_float(state, names, "prune")
+        grams = _calibration(state, ctx, names, self.calib_samples, self.calib_seq_len)
+        gen = torch.Generator().manual_seed(self.seed)
+        state = dict(state)
+        pruned_total = total = 0
+        for n in tqdm(names, desc="consensus pruning", disable=not ctx.get("progress", True)):
+            w = state[n]
+            mask = consensus_mask(w, grams[n], self.chunk_size, self.n_masks, self.mask_sparsity, self.top_k, gen)
+            state[n] = w.masked_fill(mask, 0)
+            pruned_total += int(mask.sum())
+            total += mask.numel()
+        self.stats = {"matrices": len(names), "sparsity": pruned_total / total}
+        return state
+
+    def record(self) -> dict:
+        rec = super().record()
+        rec["params"].pop("stats", None)
+        rec["result"] = self.stats
+        return rec
+
+
+@dataclass
+class SVDStep(Step):
+    rank: int = 4  # kept singular values (the paper's 4)
+    energy: float = 0.0  # if > 0: smallest rank keeping this fraction of Σσ², per matrix (overrides rank)
+    modules: str = "mlp"
+    layers: str = "all"
+    stats: dict = field(default_factory=dict, repr=False)
+
+    name = "svd"
+
+    def apply(self, state, ctx):
+        names = select_weights(state, self.modules, self.layers)
+        _require_float(state, names, "svd")
+        state = dict(state)
+        ranks, kept, skipped = [], [], 0
+        for n in tqdm(names, desc="svd", disable=not ctx.get("progress", True)):
+            w = state[n].float()
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            if self.energy > 0:
+                cum = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+                r = int(torch.searchsorted(cum, torch.tensor(self.energy)).item()) + 1
+            else:
+                r = self.rank
+            r = min(r, s.numel())
+            if r * (w.shape[0] + w.shape[1]) >= w.numel():
+                skipped += 1  # factors would not be smaller than the matrix
+                continue
+            root = s[:r].sqrt()
+            dtype = state[n].dtype
+            state[n + "_lr_a"] = (root[:, None] * vh[:r]).to(dtype).contiguous()  # (r, in)
+            state[n + "_lr_b"] = (u[:, :r] * root).to(dtype).contiguous()  # (out, r)
+            del state[n]
+            ranks.append(r)
+            kept.append(float((s[:r] ** 2).sum() / (s ** 2).sum()))
+        self.stats = {"matrices": len(ranks), "skipped_not_smaller": skipped,
+                      "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0),
+                      "energy_kept_mean": sum(kept) / len(kept) if kept else None}
+        return state
+
+    def record(self) -> dict:
+        rec = super().record()
+        rec["params"].pop("stats", None)
+        rec["result"] = self.stats
+        return rec

@@ -1,0 +1,138 @@
+"""Stochastic-consensus pruning and SVD re-densification."""
+
+import json
+
+import pytest
+import torch
+
+from compress.artifact import load_engine_model
+from compress.build import load_hf_dir
+from compress.prune import chunk_mask_losses, consensus_mask, select_weights
+from compress.recipes import RecipeError, parse_recipe
+from server.engine.config import ModelArgs
+from server.engine.loader import build_model
+from tests.conftest import build_artifact
+
+
+def test_batched_mask_loss_equals_direct_reconstruction_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 12, generator=g)
+    w = torch.randn(3, 12, generator=g)
+    chunk = 4
+    masks = torch.rand(3, 3, 5, chunk, generator=g) < 0.5  # (R, nb, M, C)
+    gram = x.T @ x
+    idx = torch.arange(12).view(3, chunk)
+    blocks = gram[idx[:, :, None], idx[:, None, :]]
+    losses = chunk_mask_losses(w.view(3, 3, chunk), blocks, masks)
+    for r in range(3):
+        for b in range(3):
+            for m in range(5):
+                pruned = torch.zeros_like(w, dtype=torch.bool)
+                pruned[r, b * chunk:(b + 1) * chunk] = masks[r, b, m]
+                direct = ((w - w.masked_fill(pruned, 0)) @ x.T).pow(2).sum()
+                assert torch.allclose(losses[r, b, m], direct, rtol=1e-4, atol=1e-4)
+
+
+def _layer_problem(seed=0, out_f=16, in_f=30):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, in_f, generator=g) * torch.linspace(0.1, 3, in_f)  # uneven input scales
+    return torch.randn(out_f, in_f, generator=g), x
+
+
+def test_top1_prunes_exactly_the_mask_sparsity_and_consensus_prunes_less():
+    w, x = _layer_problem()
+    one = consensus_mask(w, x.T @ x, 15, 50, 0.4, 1, torch.Generator().manual_seed(0))
+    assert one.sum().item() == 16 * 2 * 6  # 2 chunks of 15 per row, 6 of each pruned
+    many = consensus_mask(w, x.T @ x, 15, 300, 0.4, 3, torch.Generator().manual_seed(0))
+    assert 0 < many.sum() < one.sum()
+
+
+def test_consensus_beats_random_pruning_at_equal_sparsity():
+    w, x = _layer_problem(1)
+    mask = consensus_mask(w, x.T @ x, 15, 300, 0.5, 5, torch.Generator().manual_seed(0))
+    loss = lambda m: ((w - w.masked_fill(m, 0)) @ x.T).pow(2).sum().item()  # noqa: E731
+    g = torch.Generator().manual_seed(5)
+    rand = []
+    for _ in range(20):
+        r = torch.zeros(w.numel(), dtype=torch.bool)
+        r[torch.randperm(w.numel(), generator=g)[: int(mask.sum())]] = True
+        rand.append(loss(r.view_as(w)))
+    assert loss(mask) < min(rand)
+
+
+def test_recipe_parameters_are_parsed_and_checked():
+    steps = parse_recipe("prune(n_masks=40,top_k=4,layers=0+1,modules=up_proj+down_proj),svd(rank=8),int8")
+    assert [s.name for s in steps] == ["prune", "svd", "int8"]
+    assert steps[0].n_masks == 40 and steps[0].layers == "0+1" and steps[1].rank == 8
+    with pytest.raises(RecipeError, match="unknown parameter 'bogus'"):
+        parse_recipe("prune(bogus=1)")
+    with pytest.raises(RecipeError, match="not a valid int"):
+        parse_recipe("svd(rank=four)")
+
+
+def test_select_weights_by_module_and_layer(llama_dir):
+    _, state = load_hf_dir(llama_dir)
+    names = select_weights(state, "up_proj+down_proj", "1")
+    assert names == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(RecipeError, match="no weights match"):
+        select_weights(state, "mlp", "7")
+
+
+def test_prune_after_int8_is_refused(llama_dir, tmp_path):
+    with pytest.raises(RecipeError, match="put int8"):
+        build_artifact(llama_dir, tmp_path / "x", "int8,prune(n_masks=20,top_k=2)")
+
+
+def test_svd_factors_run_as_two_linears_matching_the_dense_product(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "svd", "svd(rank=8,modules=mlp)")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["steps"][0]["result"]["matrices"] == 6 and manifest["hf_loadable"] is False
+    assert manifest["n_params"] < manifest["source_n_params"]
+    engine, _ = load_engine_model(art, max_len=64)
+    assert type(engine.layers[0].mlp.w2).__name__ == "LowRank"
+    # Same model with the products B @ A materialised as dense weights.
+    from safetensors.torch import load_file
+
+    config, _ = load_hf_dir(llama_dir)
+    state = load_file(str(art / "model.safetensors"))
+    dense = {}
+    for k, v in state.items():
+        if k.endswith("_lr_a"):
+            base = k[: -len("_lr_a")]
+            dense[base] = state[base + "_lr_b"] @ v
+        elif not k.endswith("_lr_b"):
+            dense[k] = v
+    ref = build_model(ModelArgs.from_hf_config(config), dense, max_len=64)
+    ids = torch.randint(0, engine.args.vocab_size, (1, 16))
+    with torch.inference_mode():
+        torch.testing.assert_close(engine(ids), ref(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_svd_is_the_best_rank_r_approximation(llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    _, src = load_hf_dir(llama_dir)
+    art = build_artifact(llama_dir, tmp_path / "svd2", "svd(rank=5,modules=down_proj,layers=0)")
+    st = load_file(str(art / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    w, approx = src[name], st[name + "_lr_b"] @ st[name + "_lr_a"]
+    s = torch.linalg.svdvals(w)
+    assert torch.allclose((w - approx).norm(), s[5:].pow(2).sum().sqrt(), rtol=1e-3)
+
+
+def test_energy_threshold_picks_rank_per_matrix(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "svd3", "svd(energy=0.5,modules=mlp)")
+    res = json.loads((art / "manifest.json").read_text())["steps"][0]["result"]
+    assert res["energy_kept_mean"] >= 0.5 and res["rank_min"] >= 1
+
+
+def test_prune_svd_int8_artifact_serves(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "psq",
+                         "prune(n_masks=30,top_k=3,calib_samples=2,calib_seq_len=32),svd(rank=4),int8")
+    m = json.loads((art / "manifest.json").read_text())
+    assert [s["name"] for s in m["steps"]] == ["prune", "svd", "int8"]
+    assert 0 < m["steps"][0]["result"]["sparsity"] < 0.5
+    engine, _ = load_engine_model(art, max_len=32)
+    with torch.inference_mode():
+        logits = engine(torch.randint(0, engine.args.vocab_size, (1, 8)))
+    assert torch.isfinite(logits).all()
