@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from server.engine.config import ModelArgs
 from server.engine.loader import build_model
+from server.engine.quant import dequantize
 
 
 @dataclass
@@ -54,7 +55,9 @@ def engine_module_for(hf_name: str) -> str:
 def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[list[int]],
                   hf_names: list[str], progress: bool = True) -> dict[str, torch.Tensor]:
     """Gram matrix of the input of every named projection, keyed by HF weight name."""
-    float_state = {k: v.float() for k, v in state.items() if v.is_floating_point()}
+    # Calibrate the model as it stands at this point of the recipe (int8 weights included).
+    float_state = {k: (dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v.float())
+                   for k, v in state.items() if not k.endswith("_scale")}
     model = build_model(ModelArgs.from_hf_config(config), float_state, max_len=max(len(b) for b in batches) + 1)
     wanted = {engine_module_for(n) for n in hf_names}
     grams: dict[str, torch.Tensor] = {}

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from server.engine.quant import dequantize, quantize_per_channel
+
 from .recipes import RecipeError, Step
 
 _GROUPS = {"mlp": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -56,9 +58,20 @@ def _layer_set(spec: str) -> set[int]:
     return out
 
 
-def _require_float(state: dict, names: list[str], step: str) -> None:
-    if any(n + "_scale" in state for n in names):
-        raise RecipeError(f"{step} needs float weights: put int8/int8-dynamic after it in the recipe")
+def _take_float(state: dict, name: str) -> tuple[torch.Tensor, bool]:
+    """(float weight, was_int8), removing the int8 form from state. Lets pruning/SVD run
+    after quantization (the seed's Q⇒P+SV order): they work on the dequantized weights
+    and hand back int8 where int8 came in."""
+    if name + "_scale" in state:
+        return dequantize(state.pop(name), state.pop(name + "_scale")), True
+    return state.pop(name).float(), False
+
+
+def _put(state: dict, name: str, w: torch.Tensor, int8: bool, dtype: torch.dtype) -> None:
+    if int8:
+        state[name], state[name + "_scale"] = quantize_per_channel(w)
+    else:
+        state[name] = w.to(dtype).contiguous()
 
 
 def chunk_mask_losses(w_chunks: torch.Tensor, g_blocks: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -126,15 +139,15 @@ class ConsensusPruneStep(Step):
         if not 0 < self.mask_sparsity < 1 or self.top_k > self.n_masks or self.chunk_size < 2:
             raise RecipeError("prune: need 0 < mask_sparsity < 1, top_k <= n_masks, chunk_size >= 2")
         names = select_weights(state, self.modules, self.layers)
-        _require_float(state, names, "prune")
         grams = _calibration(state, ctx, names, self.calib_samples, self.calib_seq_len)
         gen = torch.Generator().manual_seed(self.seed)
         state = dict(state)
         pruned_total = total = 0
         for n in tqdm(names, desc="consensus pruning", disable=not ctx.get("progress", True)):
-            w = state[n]
+            dtype = state[n].dtype
+            w, was_int8 = _take_float(state, n)
             mask = consensus_mask(w, grams[n], self.chunk_size, self.n_masks, self.mask_sparsity, self.top_k, gen)
-            state[n] = w.masked_fill(mask, 0)
+            _put(state, n, w.masked_fill(mask, 0), was_int8, dtype)
             pruned_total += int(mask.sum())
             total += mask.numel()
         self.stats = {"matrices": len(names), "sparsity": pruned_total / total}
@@ -159,11 +172,11 @@ class SVDStep(Step):
 
     def apply(self, state, ctx):
         names = select_weights(state, self.modules, self.layers)
-        _require_float(state, names, "svd")
         state = dict(state)
         ranks, kept, skipped = [], [], 0
         for n in tqdm(names, desc="svd", disable=not ctx.get("progress", True)):
-            w = state[n].float()
+            dtype = state[n].dtype
+            w, was_int8 = _take_float(state, n)
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             if self.energy > 0:
                 cum = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
@@ -173,12 +186,11 @@ class SVDStep(Step):
             r = min(r, s.numel())
             if r * (w.shape[0] + w.shape[1]) >= w.numel():
                 skipped += 1  # factors would not be smaller than the matrix
+                _put(state, n, w, was_int8, dtype)
                 continue
             root = s[:r].sqrt()
-            dtype = state[n].dtype
-            state[n + "_lr_a"] = (root[:, None] * vh[:r]).to(dtype).contiguous()  # (r, in)
-            state[n + "_lr_b"] = (u[:, :r] * root).to(dtype).contiguous()  # (out, r)
-            del state[n]
+            _put(state, n + "_lr_a", root[:, None] * vh[:r], was_int8, dtype)  # (r, in)
+            _put(state, n + "_lr_b", u[:, :r] * root, was_int8, dtype)  # (out, r)
             ranks.append(r)
             kept.append(float((s[:r] ** 2).sum() / (s ** 2).sum()))
         self.stats = {"matrices": len(ranks), "skipped_not_smaller": skipped,

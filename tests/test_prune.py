@@ -78,9 +78,20 @@ def test_select_weights_by_module_and_layer(llama_dir):
         select_weights(state, "mlp", "7")
 
 
-def test_prune_after_int8_is_refused(llama_dir, tmp_path):
-    with pytest.raises(RecipeError, match="put int8"):
-        build_artifact(llama_dir, tmp_path / "x", "int8,prune(n_masks=20,top_k=2)")
+def test_prune_and_svd_after_int8_keep_int8(llama_dir, tmp_path):
+    # The seed's Q⇒P+SV order: work on dequantized weights, hand back int8.
+    from safetensors.torch import load_file
+
+    art = build_artifact(llama_dir, tmp_path / "qps",
+                         "int8,prune(n_masks=20,top_k=2,calib_samples=2,calib_seq_len=32,layers=0),svd(rank=4,layers=0)")
+    st = load_file(str(art / "model.safetensors"))
+    a = "model.layers.0.mlp.up_proj.weight_lr_a"
+    assert st[a].dtype == torch.int8 and a + "_scale" in st
+    assert "model.layers.0.mlp.up_proj.weight" not in st
+    assert st["model.layers.1.mlp.up_proj.weight"].dtype == torch.int8
+    engine, _ = load_engine_model(art, max_len=32)
+    with torch.inference_mode():
+        assert torch.isfinite(engine(torch.randint(0, engine.args.vocab_size, (1, 8)))).all()
 
 
 def test_svd_factors_run_as_two_linears_matching_the_dense_product(llama_dir, tmp_path):
