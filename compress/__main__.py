@@ -6,6 +6,7 @@ Run:
     python -m compress build --model-dir path/to/hf_model --recipe bf16 --out artifacts/my-bf16
     python -m compress eval artifacts/smollm2-int8               # perplexity, prefill/decode tok/s, size
     python -m compress inspect artifacts/smollm2-int8            # manifest: params, size, precision
+    python -m compress hardware                                  # detected device and precision plan
     python -m compress build --source gemma3-270m --recipe "prune(layers=4-11),svd(energy=0.9),int8"
 Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic,
 prune(...) (stochastic-consensus pruning), svd(...) (low-rank re-densification).
@@ -39,10 +40,37 @@ def cmd_build(a) -> None:
     else:
         model_dir = ensure_hf_dir(a.source)
         source = json.loads((model_dir / "source.json").read_text())
-    out = Path(a.out or f"artifacts/{a.source or model_dir.name}-{a.recipe.replace(',', '-')}")
-    manifest = build(model_dir, out, a.recipe, source, force=a.force)
+    recipe, extra = a.recipe, {}
+    if "auto" in [s.strip() for s in recipe.split(",")]:
+        from .hardware import HardwareOptimizer
+
+        opt = HardwareOptimizer()
+        plan = opt.plan()
+        recipe = ",".join(plan.recipe if s.strip() == "auto" else s for s in recipe.split(","))
+        extra["hardware"] = opt.report()
+        print(f"auto -> {plan.recipe}: " + "; ".join(plan.reasons))
+    out = Path(a.out or f"artifacts/{a.source or model_dir.name}-{recipe.replace(',', '-')}")
+    manifest = build(model_dir, out, recipe, source, force=a.force, extra=extra)
     print(f"wrote {out} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['n_params'] / 1e6:.1f}M params, "
           f"recipe {a.recipe})")
+
+
+def cmd_hardware(a) -> None:
+    from .hardware import HardwareOptimizer
+
+    opt = HardwareOptimizer()
+    i, plan = opt.info, opt.plan()
+    print(f"device     {i.kind}: {i.name}")
+    print(f"cores      {i.cores}")
+    if i.cuda_capability:
+        print(f"capability {i.cuda_capability[0]}.{i.cuda_capability[1]}   memory {i.memory_bytes / 2**30:.1f} GiB")
+    print(f"cpu flags  {' '.join(i.cpu_flags) or '(none detected)'}")
+    print(f"plan       --recipe {plan.recipe}" + (f" (int8 kernel {plan.int8_kernel})" if plan.int8_kernel else "")
+          + f", {plan.threads} threads")
+    for r in plan.reasons:
+        print(f"  why: {r}")
+    if a.json:
+        print(json.dumps(opt.report(), indent=2))
 
 
 def cmd_eval(a) -> None:
@@ -131,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    h = sub.add_parser("hardware", help="detect the device and show the precision plan (--recipe auto)")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_hardware)
 
     i = sub.add_parser("inspect", help="print an artifact's manifest summary")
     i.add_argument("artifact")

@@ -33,7 +33,8 @@ def load_hf_dir(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(config_path.read_text()), state
 
 
-def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = False, progress: bool = True) -> dict:
+def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = False, progress: bool = True,
+          extra: dict | None = None) -> dict:
     steps = parse_recipe(recipe)
     config, state = load_hf_dir(model_dir)
     args = ModelArgs.from_hf_config(config)  # refuses architectures the engine cannot serve
@@ -69,6 +70,7 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
             "source_n_params": source_params,
             "chat_template": _has_chat_template(model_dir),
             "eval": {},
+            **(extra or {}),
         }
 
     return write_artifact(out, fill, force=force)
