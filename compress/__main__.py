@@ -106,13 +106,22 @@ def cmd_inspect(a) -> None:
     root = Path(a.artifact)
     m = verify(root) if a.verify else read_manifest(root)
     dtypes: Counter = Counter()
+    modules: dict = {}  # projection kind -> {"form": Counter, "params": n, "zeros": n}
     with safe_open(str(root / WEIGHTS), "pt") as f:
-        for k in f.keys():
-            t = f.get_slice(k)
-            n = 1
-            for d in t.get_shape():
-                n *= d
-            dtypes[str(t.get_dtype())] += n
+        keys = list(f.keys())
+        for k in keys:
+            t = f.get_tensor(k)
+            dtypes[str(t.dtype).replace("torch.", "")] += t.numel()
+            if k.endswith("_scale"):
+                continue
+            kind = _module_kind(k)
+            entry = modules.setdefault(kind, {"form": Counter(), "params": 0, "zeros": 0})
+            form = "int8" if k + "_scale" in keys else str(t.dtype).replace("torch.", "")
+            if "_lr_" in k:
+                form = f"low-rank r={min(t.shape)} {form}"
+            entry["form"][form] += 1
+            entry["params"] += t.numel()
+            entry["zeros"] += int((t == 0).sum())
     print(f"artifact   {root}")
     print(f"source     {m['source'].get('name') or m['source'].get('model_dir')} "
           f"({m['source'].get('distribution', '')} {m['source'].get('version') or ''})".rstrip())
@@ -121,12 +130,28 @@ def cmd_inspect(a) -> None:
     print(f"precision  {m['dtype']}" + (f" (kernel {m['int8_kernel']})" if m.get("int8_kernel") else ""))
     print(f"params     {m['n_params'] / 1e6:.2f}M   size {m['size_bytes'] / 1e6:.1f} MB   files {len(m['files'])}")
     print("tensors    " + ", ".join(f"{k}: {v / 1e6:.2f}M elems" for k, v in sorted(dtypes.items())))
+    print(f"{'module':12s} {'params':>10s} {'zeros':>7s}  storage")
+    for kind, e in modules.items():
+        forms = ", ".join(f"{n}x {f}" for f, n in e["form"].most_common())
+        print(f"{kind:12s} {e['params'] / 1e6:9.2f}M {e['zeros'] / max(e['params'], 1) * 100:6.2f}%  {forms}")
     if m.get("eval"):
         e = m["eval"]
         print(f"eval       perplexity {e['perplexity']:.3f}  prefill {e['prefill_tok_s']:.1f} tok/s  "
               f"decode {e['decode_tok_s']:.1f} tok/s")
     if a.json:
         print(json.dumps(m, indent=2))
+
+
+def _module_kind(name: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight_lr_a' -> 'up_proj'; embeddings and norms by role."""
+    parts = name.split(".")
+    if "embed_tokens" in parts:
+        return "embedding"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if len(parts) > 4 and parts[1] == "layers":
+        return "norm" if "norm" in parts[-2] or "layernorm" in parts[-2] else parts[4]
+    return "norm"
 
 
 def main(argv: list[str] | None = None) -> int:

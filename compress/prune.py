@@ -153,12 +153,6 @@ class ConsensusPruneStep(Step):
         self.stats = {"matrices": len(names), "sparsity": pruned_total / total}
         return state
 
-    def record(self) -> dict:
-        rec = super().record()
-        rec["params"].pop("stats", None)
-        rec["result"] = self.stats
-        return rec
-
 
 @dataclass
 class SVDStep(Step):
@@ -197,9 +191,3 @@ class SVDStep(Step):
                       "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0),
                       "energy_kept_mean": sum(kept) / len(kept) if kept else None}
         return state
-
-    def record(self) -> dict:
-        rec = super().record()
-        rec["params"].pop("stats", None)
-        rec["result"] = self.stats
-        return rec

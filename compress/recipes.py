@@ -27,7 +27,9 @@ class Step:
         return state
 
     def record(self) -> dict:
-        return {"name": self.name, "params": asdict(self)}
+        params = asdict(self)
+        result = params.pop("stats", None)  # what a step measured while running (sparsity, ranks...)
+        return {"name": self.name, "params": params, **({"result": result} if result is not None else {})}
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Int8Step(Step):
 
 
 def _registry() -> dict:
-    from .prune import ConsensusPruneStep, SVDStep  # imports Step from here
+    from .channels import ChannelPruneStep  # these import Step from here
+    from .prune import ConsensusPruneStep, SVDStep
 
     return {
         "none": Step,
@@ -84,10 +87,11 @@ def _registry() -> dict:
         "int8-dynamic": lambda **kw: Int8Step(kernel="dynamic", **kw),
         "prune": ConsensusPruneStep,
         "svd": SVDStep,
+        "channels": ChannelPruneStep,
     }
 
 
-STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd"]
+STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd", "channels"]
 
 
 def _split_top(text: str) -> list[str]:

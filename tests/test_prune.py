@@ -147,3 +147,36 @@ def test_prune_svd_int8_artifact_serves(llama_dir, tmp_path):
     with torch.inference_mode():
         logits = engine(torch.randint(0, engine.args.vocab_size, (1, 8)))
     assert torch.isfinite(logits).all()
+
+
+def test_channel_pruning_shrinks_mlp_and_stays_hf_loadable(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    art = build_artifact(llama_dir, tmp_path / "ch", "channels(ratio=0.5,calib_samples=2,calib_seq_len=32)")
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["steps"][0]["result"] == {"intermediate_size_before": 128, "intermediate_size_after": 64, "layers": 2}
+    assert json.loads((art / "config.json").read_text())["intermediate_size"] == 64
+    hf = AutoModelForCausalLM.from_pretrained(art).eval()
+    engine, _ = load_engine_model(art, max_len=32)
+    ids = torch.randint(0, engine.args.vocab_size, (1, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(engine(ids), hf(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_channel_pruning_keeps_the_important_channels(llama_dir):
+    # Removing channels by importance must hurt the layer output less than removing at random.
+    from compress.calibration import CalibConfig, calibration_ids, collect_grams
+    from transformers import AutoTokenizer
+
+    config, state = load_hf_dir(llama_dir)
+    down = "model.layers.0.mlp.down_proj.weight"
+    g = collect_grams(config, state, calibration_ids(AutoTokenizer.from_pretrained(llama_dir),
+                                                     CalibConfig(4, 32)), [down], progress=False)[down]
+    w = state[down]
+    imp = w.norm(dim=0) * g.diagonal().sqrt()
+    err = lambda keep: torch.trace((w[:, ~keep]) @ g[~keep][:, ~keep] @ w[:, ~keep].T).item()  # noqa: E731
+    best = torch.zeros(128, dtype=torch.bool)
+    best[imp.topk(64).indices] = True
+    rand = torch.zeros(128, dtype=torch.bool)
+    rand[torch.randperm(128, generator=torch.Generator().manual_seed(0))[:64]] = True
+    assert err(best) < err(rand)
