@@ -53,8 +53,9 @@ def engine_module_for(hf_name: str) -> str:
 
 @torch.inference_mode()
 def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[list[int]],
-                  hf_names: list[str], progress: bool = True) -> dict[str, torch.Tensor]:
-    """Gram matrix of the input of every named projection, keyed by HF weight name."""
+                  hf_names: list[str], progress: bool = True, stat: str = "gram") -> dict[str, torch.Tensor]:
+    """Per named projection (keyed by HF weight name), a statistic of its calibration inputs:
+    stat="gram": G = Σ xᵀx (in, in); stat="absmax": max |x_j| per input channel (in,)."""
     # Calibrate the model as it stands at this point of the recipe (int8 weights included).
     float_state = {k: (dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v.float())
                    for k, v in state.items() if not k.endswith("_scale")}
@@ -66,7 +67,11 @@ def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[li
         if path in wanted:
             def hook(mod, inputs, output, path=path):
                 x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()  # double: sums of many outer products
-                grams[path] = grams.get(path, 0) + x.T @ x
+                if stat == "gram":
+                    grams[path] = grams.get(path, 0) + x.T @ x
+                else:
+                    m = x.abs().amax(dim=0)
+                    grams[path] = torch.maximum(grams[path], m) if path in grams else m
             hooks.append(module.register_forward_hook(hook))
     try:
         for ids in tqdm(batches, desc="calibration", disable=not progress):

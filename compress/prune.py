@@ -110,14 +110,19 @@ def consensus_mask(w: torch.Tensor, gram: torch.Tensor, chunk: int, n_masks: int
     return pruned.view(out_f, nb * chunk)[:, :in_f]
 
 
-def _calibration(state: dict, ctx: dict, names: list[str], samples: int, seq_len: int) -> dict[str, torch.Tensor]:
+def _calibration_stat(state: dict, ctx: dict, names: list[str], samples: int, seq_len: int,
+                      stat: str) -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer
 
     from .calibration import CalibConfig, calibration_ids, collect_grams
 
     tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
     batches = calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
-    return collect_grams(ctx["config"], state, batches, names, progress=ctx.get("progress", True))
+    return collect_grams(ctx["config"], state, batches, names, progress=ctx.get("progress", True), stat=stat)
+
+
+def _calibration(state: dict, ctx: dict, names: list[str], samples: int, seq_len: int) -> dict[str, torch.Tensor]:
+    return _calibration_stat(state, ctx, names, samples, seq_len, "gram")
 
 
 @dataclass

@@ -78,6 +78,7 @@ class Int8Step(Step):
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
     from .prune import ConsensusPruneStep, SVDStep
+    from .smooth import SmoothStep
 
     return {
         "none": Step,
@@ -88,10 +89,11 @@ def _registry() -> dict:
         "prune": ConsensusPruneStep,
         "svd": SVDStep,
         "channels": ChannelPruneStep,
+        "smooth": SmoothStep,
     }
 
 
-STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd", "channels"]
+STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd", "channels", "smooth"]
 
 
 def _split_top(text: str) -> list[str]:
