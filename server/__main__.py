@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window n_ctx")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
     p.add_argument("--max-tokens-default", type=int, default=None, help="max_tokens when a request sets none")
+    p.add_argument("--max-kv-cache-mb", type=int, default=d.max_kv_cache_mb,
+                   help="per-request KV cache limit: n x (prompt + max_tokens) must fit")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
     p.add_argument("--log-level", default="info")
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None = None):
     return a, ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
                            max_tokens_default=a.max_tokens_default, threads=a.threads,
+                           max_kv_cache_mb=a.max_kv_cache_mb,
                            verify_checksums=not a.no_verify)
 
 

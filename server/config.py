@@ -15,6 +15,7 @@ class ServerConfig:
     max_model_len: int = 4096  # context window (n_ctx), capped by the model's own limit
     max_queue: int = 16  # waiting requests beyond the running one; more get 429
     max_tokens_default: int | None = None  # when a request sets no max_tokens; None = rest of the window
+    max_kv_cache_mb: int = 2048  # per request: n x (prompt + max_tokens) x KV bytes/token must fit
     threads: int | None = None  # torch intra-op threads; None = torch default
     verify_checksums: bool = True  # refuse artifacts whose files don't match the manifest
     retry_after_s: int = 2  # Retry-After sent with 429 / 503

@@ -125,6 +125,12 @@ class Serving:
                                 f"n_ctx={n_ctx}; at most {room} tokens can be generated",
                            param="max_tokens", code="context_length_exceeded")
         max_tokens = asked or min(room, self.cfg.max_tokens_default or room)
+        # The KV cache is preallocated: bound it before admitting the request.
+        kv_mb = req.n * (n_prompt + max_tokens) * lm.model.kv_bytes_per_token() / 2**20
+        if kv_mb > self.cfg.max_kv_cache_mb:
+            raise APIError(400, f"n={req.n} x ({n_prompt} prompt + {max_tokens} max_tokens) tokens need "
+                                f"{kv_mb:.0f} MiB of KV cache, over this server's {self.cfg.max_kv_cache_mb} MiB "
+                                "per-request limit; lower n or max_tokens", param="max_tokens", code="kv_cache_limit")
         params = req.to_sampling_params(max_tokens)
         params.stop = params.stop + [s for s in extra_stops if s not in params.stop]
         return params

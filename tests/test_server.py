@@ -215,3 +215,16 @@ def test_full_queue_answers_429_with_retry_after(llama_artifact):
                 assert r.json()["error"]["type"] == "rate_limit_error"
     finally:
         srv.close()
+
+
+def test_kv_cache_budget_bounds_n_times_length(llama_artifact):
+    srv = LiveServer(ServerConfig(artifacts=[str(llama_artifact)], max_model_len=2048, max_kv_cache_mb=1)).wait()
+    try:
+        r = _post(srv, "/v1/chat/completions", {"model": llama_artifact.name, "messages": CHAT, "n": 16,
+                                                "max_tokens": 2000})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_cache_limit"
+        assert "MiB" in r.json()["error"]["message"]
+        ok = _post(srv, "/v1/chat/completions", {"model": llama_artifact.name, "messages": CHAT, "max_tokens": 4})
+        assert ok.status_code == 200
+    finally:
+        srv.close()

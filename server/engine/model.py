@@ -143,6 +143,10 @@ class Transformer(nn.Module):
         a = self.args
         return KVCache(a.n_layers, batch, a.n_kv_heads, max_len, a.head_dim, self.attn_dtype, self.device)
 
+    def kv_bytes_per_token(self) -> int:
+        a = self.args
+        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * torch.finfo(self.attn_dtype).bits // 8
+
     @property
     def attn_dtype(self) -> torch.dtype:
         """dtype of attention math and the KV cache: fp32 on CPU (fast SDPA path), the
