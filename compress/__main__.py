@@ -7,6 +7,7 @@ Run:
     python -m compress eval artifacts/smollm2-int8               # perplexity, prefill/decode tok/s, size
     python -m compress inspect artifacts/smollm2-int8            # manifest: params, size, precision
     python -m compress hardware                                  # detected device and precision plan
+    python -m compress export-onnx artifacts/smollm2-135m-instruct-none --int8   # ONNX Runtime artifact
     python -m compress build --source gemma3-270m --recipe "prune(layers=4-11),svd(energy=0.9),int8"
 Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic,
 prune(...) (stochastic-consensus pruning), svd(...) (low-rank re-densification).
@@ -53,6 +54,15 @@ def cmd_build(a) -> None:
     manifest = build(model_dir, out, recipe, source, force=a.force, extra=extra)
     print(f"wrote {out} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['n_params'] / 1e6:.1f}M params, "
           f"recipe {a.recipe})")
+
+
+def cmd_export_onnx(a) -> None:
+    from .onnx_export import export_onnx
+
+    out = Path(a.out or f"{a.artifact.rstrip('/')}-onnx{'-int8' if a.int8 else ''}")
+    m = export_onnx(Path(a.artifact), out, int8=a.int8, opset=a.opset, force=a.force)
+    print(f"wrote {out} ({m['size_bytes'] / 1e6:.1f} MB, ONNX opset {a.opset}{', int8' if a.int8 else ''}); "
+          f"serve it with: python -m server --artifact {out}")
 
 
 def cmd_hardware(a) -> None:
@@ -184,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export-onnx", help="export an artifact's decoder (with KV cache I/O) to ONNX")
+    x.add_argument("artifact")
+    x.add_argument("--out", help="new artifact directory (default <artifact>-onnx[-int8])")
+    x.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 quantization")
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--force", action="store_true")
+    x.set_defaults(fn=cmd_export_onnx)
 
     h = sub.add_parser("hardware", help="detect the device and show the precision plan (--recipe auto)")
     h.add_argument("--json", action="store_true")

@@ -139,6 +139,10 @@ def load_engine_model(root: Path, max_len: int | None = None, check: bool = True
 
     root = Path(root)
     manifest = verify(root) if check else read_manifest(root)
+    if manifest.get("backend") == "onnxruntime":
+        from server.engine.ort_backend import OrtModel
+
+        return OrtModel(root, max_len=max_len, threads=torch.get_num_threads()), manifest
     config = json.loads((root / "config.json").read_text())
     args = ModelArgs.from_hf_config(config)
     float_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

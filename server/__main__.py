@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-kv-cache-mb", type=int, default=d.max_kv_cache_mb,
                    help="per-request KV cache limit: n x (prompt + max_tokens) must fit")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="require this runtime (auto: what each artifact was built for; ONNX artifacts come "
+                        "from `python -m compress export-onnx`)")
     p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
@@ -74,9 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     # Fail fast, before binding the port, on a missing or tampered artifact.
     for name, path in cfg.model_paths().items():
         try:
-            verify(path) if cfg.verify_checksums else read_manifest(path)
+            manifest = verify(path) if cfg.verify_checksums else read_manifest(path)
         except ArtifactError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        backend = manifest.get("backend", "torch")
+        if a.backend != "auto" and backend != a.backend:
+            print(f"error: {path} is a {backend} artifact but --backend {a.backend} was asked"
+                  + ("; export one with `python -m compress export-onnx`" if a.backend == "onnxruntime" else ""),
+                  file=sys.stderr)
             return 2
     import uvicorn
 

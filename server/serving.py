@@ -104,6 +104,7 @@ class Serving:
         return P.ModelList(data=[
             P.ModelCard(id=name, created=int(lm.path.stat().st_mtime), max_model_len=lm.max_model_len,
                         meta={"arch": lm.manifest.get("arch"), "recipe": lm.manifest.get("recipe"),
+                              "backend": lm.manifest.get("backend", "torch"),
                               "dtype": lm.manifest.get("dtype"), "chat_template": lm.has_chat_template,
                               "n_params": lm.manifest.get("n_params")})
             for name, lm in self.models.items()])

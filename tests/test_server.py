@@ -228,3 +228,21 @@ def test_kv_cache_budget_bounds_n_times_length(llama_artifact):
         assert ok.status_code == 200
     finally:
         srv.close()
+
+
+def test_server_serves_an_onnx_artifact(llama_artifact, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from compress.onnx_export import export_onnx
+
+    onnx_art = tmp_path / "tiny-onnx"
+    export_onnx(llama_artifact, onnx_art)
+    srv = LiveServer(ServerConfig(artifacts=[str(llama_artifact), str(onnx_art)], max_model_len=64)).wait()
+    try:
+        body = {"messages": CHAT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        a = _post(srv, "/v1/chat/completions", {"model": llama_artifact.name, **body}).json()
+        b = _post(srv, "/v1/chat/completions", {"model": "tiny-onnx", **body}).json()
+        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+        cards = {m["id"]: m for m in httpx.get(srv.url + "/v1/models").json()["data"]}
+        assert cards["tiny-onnx"]["meta"]["backend"] == "onnxruntime"
+    finally:
+        srv.close()

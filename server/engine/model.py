@@ -51,6 +51,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.scale = args.attn_scale
+        self.repeat_kv = False  # set for ONNX export: expand KV heads instead of SDPA's enable_gqa
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
@@ -73,8 +74,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        if self.n_kv != self.n_heads and self.repeat_kv:  # exporters lack SDPA's enable_gqa
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                           enable_gqa=self.n_kv != self.n_heads)
+                                           enable_gqa=self.n_kv != self.n_heads and not self.repeat_kv)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd).to(x.dtype))
 
 
