@@ -78,6 +78,7 @@ class Int8Step(Step):
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
     from .prune import ConsensusPruneStep, SVDStep
+    from .qat import QATStep
     from .smooth import SmoothStep
 
     return {
@@ -90,10 +91,11 @@ def _registry() -> dict:
         "svd": SVDStep,
         "channels": ChannelPruneStep,
         "smooth": SmoothStep,
+        "qat": QATStep,
     }
 
 
-STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd", "channels", "smooth"]
+STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd", "channels", "smooth", "qat"]
 
 
 def _split_top(text: str) -> list[str]:
