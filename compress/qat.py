@@ -31,15 +31,15 @@ def fake_quant_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 class FakeQuantLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, act_bits: int):
+    def __init__(self, weight: torch.Tensor, act_bits: int, weight_bits: int = 8):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().float().clone())
-        self.act_bits = act_bits
+        self.act_bits, self.weight_bits = act_bits, weight_bits
 
     def forward(self, x):
         if self.act_bits:
             x = fake_quant_rows(x)  # one scale per token, as the dynamic kernel does at decode
-        return F.linear(x, fake_quant_rows(self.weight))
+        return F.linear(x, fake_quant_rows(self.weight) if self.weight_bits else self.weight)
 
 
 _PROJ = {"attn.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -53,6 +53,7 @@ class QATStep(Step):
     batch: int = 2  # sequences per step
     seq_len: int = 256
     act_bits: int = 8  # 8: fake-quantize inputs too (W8A8 target); 0: weights only (W8A16 target)
+    weight_bits: int = 8  # 0 disables weight fake-quant: with act_bits=0 a plain fine-tune (the control run)
     seed: int = 0
     stats: dict = field(default_factory=dict, repr=False)
 
@@ -61,8 +62,8 @@ class QATStep(Step):
     def apply(self, state, ctx):
         if any(k.endswith(("_scale", "_lr_a")) for k in state):
             raise RecipeError("qat needs dense float weights: put it before int8/int8-dynamic/svd")
-        if self.act_bits not in (0, 8):
-            raise RecipeError("qat: act_bits must be 0 or 8")
+        if self.act_bits not in (0, 8) or self.weight_bits not in (0, 8):
+            raise RecipeError("qat: act_bits and weight_bits must be 0 or 8")
         from transformers import AutoTokenizer
 
         from server.engine.config import ModelArgs
@@ -78,7 +79,7 @@ class QATStep(Step):
             for path in _PROJ:
                 parent, attr = path.split(".")
                 owner = getattr(block, parent)
-                fq = FakeQuantLinear(getattr(owner, attr).weight, self.act_bits)
+                fq = FakeQuantLinear(getattr(owner, attr).weight, self.act_bits, self.weight_bits)
                 setattr(owner, attr, fq)
                 params.append(fq.weight)
         n_seq = self.steps * self.batch
