@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from server.engine.config import ModelArgs
 from server.engine.loader import build_model
-from server.engine.quant import dequantize
+from server.engine.quant import dequantize_state
 
 
 @dataclass
@@ -57,8 +57,7 @@ def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[li
     """Per named projection (keyed by HF weight name), a statistic of its calibration inputs:
     stat="gram": G = Σ xᵀx (in, in); stat="absmax": max |x_j| per input channel (in,)."""
     # Calibrate the model as it stands at this point of the recipe (int8 weights included).
-    float_state = {k: (dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v.float())
-                   for k, v in state.items() if not k.endswith("_scale")}
+    float_state = dequantize_state(state)
     model = build_model(ModelArgs.from_hf_config(config), float_state, max_len=max(len(b) for b in batches) + 1)
     wanted = {engine_module_for(n) for n in hf_names}
     grams: dict[str, torch.Tensor] = {}

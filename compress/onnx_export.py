@@ -54,22 +54,15 @@ class _Decoder(torch.nn.Module):
         return logits, torch.stack(cache.k_out), torch.stack(cache.v_out)
 
 
-def _float_state(root: Path) -> dict[str, torch.Tensor]:
-    from server.engine.quant import dequantize
-
-    state = load_state(root)
-    return {k: (dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v.float())
-            for k, v in state.items() if not k.endswith("_scale")}
-
-
 def export_onnx(src: Path, out: Path, int8: bool = False, opset: int = 18, force: bool = False) -> dict:
     from server.engine.config import ModelArgs
     from server.engine.loader import build_model
+    from server.engine.quant import dequantize_state
 
     manifest = verify(src)
     config = json.loads((src / "config.json").read_text())
     args = ModelArgs.from_hf_config(config)
-    model = build_model(args, _float_state(src), max_len=min(args.max_position_embeddings, 8192)).eval()
+    model = build_model(args, dequantize_state(load_state(src)), max_len=min(args.max_position_embeddings, 8192))
     for block in model.layers:
         block.attn.repeat_kv = True
     dec = _Decoder(model).eval()

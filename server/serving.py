@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Request
 from jinja2 import TemplateError
@@ -45,7 +45,6 @@ class _Row:
     stop: StopMatcher
     tokens: int = 0
     finish_reason: str | None = None
-    text: list[str] = field(default_factory=list)
 
 
 def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams,

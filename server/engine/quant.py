@@ -27,6 +27,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
+def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An all-fp32 copy of a state dict: int8 tensors (`name` + `name_scale`) dequantized."""
+    return {k: (dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v.float())
+            for k, v in state.items() if not k.endswith("_scale")}
+
+
 def _cpu_has_vnni() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
