@@ -75,6 +75,30 @@ class Int8Step(Step):
         return out
 
 
+@dataclass
+class Int8StaticStep(Int8Step):
+    """W8A8 with static activation scales: one per projection input, from the largest
+    absolute calibration activation (absmax / 127). Pair it with `smooth` first: a
+    per-tensor static scale is set by the outlier channels."""
+    kernel: str = "static"
+    calib_samples: int = 16
+    calib_seq_len: int = 256
+
+    @property
+    def name(self) -> str:
+        return "int8-static"
+
+    def apply(self, state, ctx):
+        from .prune import _calibration_stat, select_weights
+
+        names = select_weights(state, "all", "all")
+        amax = _calibration_stat(state, ctx, names, self.calib_samples, self.calib_seq_len, "absmax")
+        out = super().apply(state, ctx)
+        for n in names:
+            out[n + "_act_scale"] = (amax[n].max().float() / 127.0).clamp(min=1e-8).reshape(())
+        return out
+
+
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
     from .prune import ConsensusPruneStep, SVDStep
@@ -87,6 +111,7 @@ def _registry() -> dict:
         "bf16": lambda **kw: CastStep("bfloat16", **kw),
         "int8": lambda **kw: Int8Step(kernel="weight_only", **kw),
         "int8-dynamic": lambda **kw: Int8Step(kernel="dynamic", **kw),
+        "int8-static": Int8StaticStep,
         "prune": ConsensusPruneStep,
         "svd": SVDStep,
         "channels": ChannelPruneStep,
@@ -95,7 +120,7 @@ def _registry() -> dict:
     }
 
 
-STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "prune", "svd", "channels", "smooth", "qat"]
+STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "smooth", "qat"]
 
 
 def _split_top(text: str) -> list[str]:
@@ -150,5 +175,7 @@ def parse_recipe(recipe: str) -> list[Step]:
         steps.append(_make(name, rest[:-1], registry[name]))
     quant = [s for s in steps if isinstance(s, (CastStep, Int8Step))]
     if len(quant) > 1:
-        raise RecipeError("a recipe can hold only one precision step (fp16, bf16, int8 or int8-dynamic)")
+        raise RecipeError("a recipe can hold only one precision step (fp16, bf16, int8, int8-dynamic or int8-static)")
+    if any(isinstance(s, Int8StaticStep) for s in steps[:-1]):
+        raise RecipeError("int8-static must be the last step: its activation scales are calibrated on the final model")
     return steps

@@ -44,3 +44,36 @@ def test_smoothing_reduces_w8a8_error_with_outlier_channels(llama_dir, tmp_path)
         lf = ref(ids)
         err = lambda m: ((m(ids) - lf).norm() / lf.norm()).item()  # noqa: E731
         assert err(smo) < 0.9 * err(dyn), (err(smo), err(dyn))
+
+
+def test_static_int8_uses_calibrated_scales_and_stays_close(llama_dir, tmp_path):
+    from compress.recipes import RecipeError, parse_recipe
+    from server.engine.quant import Int8StaticLinear
+
+    ref, _ = load_engine_model(build_artifact(llama_dir, tmp_path / "f"), max_len=32)
+    art = build_artifact(llama_dir, tmp_path / "s", "smooth(calib_samples=4,calib_seq_len=32),"
+                                                    "int8-static(calib_samples=4,calib_seq_len=32)")
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["int8_kernel"] == "static" and m["steps"][-1]["name"] == "int8-static"
+    st = load_file(str(art / "model.safetensors"))
+    assert st["model.layers.0.mlp.down_proj.weight_act_scale"].dim() == 0
+    model, _ = load_engine_model(art, max_len=32)
+    assert isinstance(model.layers[0].mlp.w2, Int8StaticLinear)
+    ids = torch.randint(0, ref.args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        lf = ref(ids)
+        assert ((model(ids) - lf).norm() / lf.norm()).item() < 0.3
+    with pytest.raises(RecipeError, match="must be the last step"):
+        parse_recipe("int8-static,svd")
+
+
+def test_static_int8_linear_matches_its_definition():
+    from server.engine.quant import Int8StaticLinear, dequantize, quantize_per_channel
+
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 32), torch.randn(5, 32)
+    q, s = quantize_per_channel(w)
+    act = x.abs().max().item() / 127
+    y = Int8StaticLinear(q, s, act)(x)
+    xq = torch.clamp(torch.round(x / act), -127, 127)
+    torch.testing.assert_close(y, (xq * act) @ dequantize(q, s).T, atol=1e-3, rtol=1e-4)

@@ -54,9 +54,12 @@ class Parallel(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def _dense(w: torch.Tensor, scale: torch.Tensor | None, dtype, kernel: str) -> nn.Module:
+def _dense(w: torch.Tensor, scale: torch.Tensor | None, dtype, kernel: str,
+           act_scale: torch.Tensor | None = None) -> nn.Module:
     if scale is not None:
-        return int8_linear(w, scale, kernel)
+        if act_scale is not None:  # calibrated static W8A8, whatever kernel the caller prefers
+            return int8_linear(w, scale, "static", float(act_scale))
+        return int8_linear(w, scale, "dynamic" if kernel == "static" else kernel)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     return lin
@@ -67,7 +70,7 @@ def _linear(state: dict, name: str, dtype, kernel: str) -> nn.Module:
     (`name_lr_a` (r, in) and `name_lr_b` (out, r), each float or int8)."""
     if _kind(state, name) == "lowrank":
         return LowRank(_linear(state, name + "_lr_a", dtype, kernel), _linear(state, name + "_lr_b", dtype, kernel))
-    return _dense(*_get(state, name), dtype, kernel)
+    return _dense(*_get(state, name), dtype, kernel, state.get(name + "_act_scale"))
 
 
 def _projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
@@ -78,7 +81,9 @@ def _projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
         parts = [_linear(state, n, dtype, kernel) for n in names]
         return parts[0] if len(parts) == 1 else Parallel(parts)
     ws, scales = zip(*(_get(state, n) for n in names))
-    return _dense(torch.cat(ws, dim=0), None if kinds == {"float"} else torch.cat(scales, dim=0), dtype, kernel)
+    acts = [state.get(n + "_act_scale") for n in names]  # parts share one input, so one scale
+    act = torch.stack(acts).max() if all(a is not None for a in acts) else None
+    return _dense(torch.cat(ws, dim=0), None if kinds == {"float"} else torch.cat(scales, dim=0), dtype, kernel, act)
 
 
 def _set_param(module: nn.Module, w: torch.Tensor):
@@ -90,9 +95,11 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     """state: HF-named tensors. dtype applies to float weights. Int8 weights stay int8 and
     fix the activation dtype to their kernel's contract: bf16 for "weight_only", fp32 for
     "dynamic"."""
-    any_int8 = any(k.endswith("_scale") for k in state)
+    any_int8 = any(k.endswith("_scale") and not k.endswith("_act_scale") for k in state)
     if any_int8:
-        compute = torch.bfloat16 if int8_kernel == "weight_only" else torch.float32
+        # bf16 activations only for the weight-only kernel; W8A8 kernels take fp32 input
+        static = any(k.endswith("_act_scale") for k in state)
+        compute = torch.bfloat16 if int8_kernel == "weight_only" and not static else torch.float32
     else:
         compute = dtype
     # Build on the meta device so no memory is spent on random init, then materialise.

@@ -4,6 +4,7 @@ Storage: symmetric per-output-channel int8 (`name` int8 + `name_scale` fp32, w â
 Two runtimes over the same stored weights, chosen at load time:
 - "weight_only" (W8A16): bf16 activations, int8 weights (`torch._weight_int8pack_mm`).
 - "dynamic" (W8A8): FBGEMM's dynamic-quantized linear (`quantized::linear_dynamic`).
+- "static" (W8A8): input scale fixed by calibration (`<name>_act_scale`), `torch._int_mm`.
 We call the FBGEMM op directly rather than torch.ao's deprecated eager workflow.
 """
 
@@ -92,12 +93,36 @@ class Int8WeightOnlyLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-INT8_KERNELS = {"dynamic": Int8DynamicLinear, "weight_only": Int8WeightOnlyLinear}
+class Int8StaticLinear(nn.Module):
+    """W8A8 with a static per-tensor input scale fixed at calibration time: the input is
+    rounded to int8 with that scale, multiplied on int8 x int8 -> int32 (`torch._int_mm`),
+    and rescaled by act_scale * weight_scale per output channel."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, act_scale: float):
+        super().__init__()
+        self.out_features = q.shape[0]
+        self.register_buffer("q", q.contiguous().clone())  # clone: see Int8WeightOnlyLinear
+        self.act_scale = float(act_scale)
+        self.register_buffer("out_scale", scale.float() * self.act_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xq = torch.clamp(torch.round(x.reshape(-1, shape[-1]).float() / self.act_scale), -127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.q.t()).float() * self.out_scale
+        return y.view(*shape[:-1], self.out_features)
 
 
-def int8_linear(q: torch.Tensor, scale: torch.Tensor, kernel: str = "weight_only") -> nn.Module:
+INT8_KERNELS = {"dynamic": Int8DynamicLinear, "weight_only": Int8WeightOnlyLinear, "static": Int8StaticLinear}
+
+
+def int8_linear(q: torch.Tensor, scale: torch.Tensor, kernel: str = "weight_only",
+                act_scale: float | None = None) -> nn.Module:
     if kernel not in INT8_KERNELS:
         raise ValueError(f"unknown int8 kernel {kernel!r}; choose from {sorted(INT8_KERNELS)}")
+    if kernel == "static":
+        if act_scale is None:
+            raise ValueError("the static int8 kernel needs a calibrated activation scale")
+        return Int8StaticLinear(q, scale, act_scale)
     return INT8_KERNELS[kernel](q, scale)
 
 
