@@ -17,7 +17,9 @@ mask per chunk.
 
 SVD re-densification replaces a (pruned) W by B @ A of rank r, stored as two factors
 (`<name>_lr_a` (r, in), `<name>_lr_b` (out, r)) that the engine runs as two linears, so it
-is really smaller and faster when r (in + out) < in * out.
+is really smaller and faster when r (in + out) < in * out. The sparse + low-rank variant
+(`sparse=0.05`) adds S, the largest entries of the residual W - BA, stored as CSR
+(`<name>_sp_crow/_sp_col/_sp_val`) and applied with a sparse matmul.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ class ConsensusPruneStep(Step):
 class SVDStep(Step):
     rank: int = 4  # kept singular values (the paper's 4)
     energy: float = 0.0  # if > 0: smallest rank keeping this fraction of Σσ², per matrix (overrides rank)
+    sparse: float = 0.0  # if > 0: W ≈ S + UV, S = this fraction of the residual's largest entries (CSR)
     modules: str = "mlp"
     layers: str = "all"
     stats: dict = field(default_factory=dict, repr=False)
@@ -183,13 +186,24 @@ class SVDStep(Step):
             else:
                 r = self.rank
             r = min(r, s.numel())
-            if r * (w.shape[0] + w.shape[1]) >= w.numel():
-                skipped += 1  # factors would not be smaller than the matrix
+            nnz = int(self.sparse * w.numel())
+            # stored size in values: factors + CSR (value + column index each, plus row pointers)
+            if r * (w.shape[0] + w.shape[1]) + 2 * nnz + w.shape[0] + 1 >= w.numel():
+                skipped += 1  # would not be smaller than the matrix
                 _put(state, n, w, was_int8, dtype)
                 continue
             root = s[:r].sqrt()
-            _put(state, n + "_lr_a", root[:, None] * vh[:r], was_int8, dtype)  # (r, in)
-            _put(state, n + "_lr_b", u[:, :r] * root, was_int8, dtype)  # (out, r)
+            a, b = root[:, None] * vh[:r], u[:, :r] * root
+            _put(state, n + "_lr_a", a, was_int8, dtype)  # (r, in)
+            _put(state, n + "_lr_b", b, was_int8, dtype)  # (out, r)
+            if nnz:
+                resid = w - b @ a
+                keep = torch.zeros(w.numel(), dtype=torch.bool)
+                keep[resid.abs().flatten().topk(nnz).indices] = True
+                sp = (resid * keep.view_as(w)).to_sparse_csr()
+                state[n + "_sp_crow"] = sp.crow_indices().to(torch.int32)
+                state[n + "_sp_col"] = sp.col_indices().to(torch.int32)
+                state[n + "_sp_val"] = sp.values().float()
             ranks.append(r)
             kept.append(float((s[:r] ** 2).sum() / (s ** 2).sum()))
         self.stats = {"matrices": len(ranks), "skipped_not_smaller": skipped,

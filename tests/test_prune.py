@@ -180,3 +180,28 @@ def test_channel_pruning_keeps_the_important_channels(llama_dir):
     rand = torch.zeros(128, dtype=torch.bool)
     rand[torch.randperm(128, generator=torch.Generator().manual_seed(0))[:64]] = True
     assert err(best) < err(rand)
+
+
+def test_sparse_plus_lowrank_beats_lowrank_alone_and_runs(llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    _, src = load_hf_dir(llama_dir)
+    name = "model.layers.0.mlp.down_proj.weight"
+    lr = build_artifact(llama_dir, tmp_path / "lr", "svd(rank=4,modules=down_proj,layers=0)")
+    slr = build_artifact(llama_dir, tmp_path / "slr", "svd(rank=4,modules=down_proj,layers=0,sparse=0.1)")
+    st_lr, st = load_file(str(lr / "model.safetensors")), load_file(str(slr / "model.safetensors"))
+    low = st[name + "_lr_b"] @ st[name + "_lr_a"]
+    s = torch.sparse_csr_tensor(st[name + "_sp_crow"].long(), st[name + "_sp_col"].long(), st[name + "_sp_val"],
+                                size=low.shape).to_dense()
+    assert st[name + "_sp_val"].numel() == int(0.1 * low.numel())
+    err_lr = (src[name] - st_lr[name + "_lr_b"] @ st_lr[name + "_lr_a"]).norm()
+    assert (src[name] - (low + s)).norm() < err_lr
+    engine, _ = load_engine_model(slr, max_len=32)
+    assert type(engine.layers[0].mlp.w2).__name__ == "SparseLowRank"
+    config, _ = load_hf_dir(llama_dir)
+    dense = {k: v for k, v in st.items() if "_lr_" not in k and "_sp_" not in k}
+    dense[name] = low + s
+    ref = build_model(ModelArgs.from_hf_config(config), dense, max_len=32)
+    ids = torch.randint(0, engine.args.vocab_size, (1, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(engine(ids), ref(ids), atol=1e-4, rtol=1e-4)

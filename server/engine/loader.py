@@ -42,6 +42,23 @@ class LowRank(nn.Module):
         return self.b(self.a(x))
 
 
+class SparseLowRank(nn.Module):
+    """W ≈ S + B @ A: the low-rank path plus a CSR sparse residual (sparse @ dense matmul)."""
+
+    def __init__(self, lowrank: LowRank, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape):
+        super().__init__()
+        self.lowrank = lowrank
+        # Invariants checked once at load: malformed indices would otherwise crash the kernel.
+        self.register_buffer("s", torch.sparse_csr_tensor(crow.long(), col.long(), val.float(), size=shape,
+                                                          check_invariants=True))
+
+    def forward(self, x):
+        y = self.lowrank(x)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        sparse = (self.s @ flat.T).T.reshape(*x.shape[:-1], -1)
+        return y + sparse.to(y.dtype)
+
+
 class Parallel(nn.Module):
     """Projections that cannot share one matmul (e.g. low-rank q next to dense k, v):
     run each and concatenate, matching the fused layout the model splits."""
@@ -69,7 +86,13 @@ def _linear(state: dict, name: str, dtype, kernel: str) -> nn.Module:
     """One projection: dense float, int8 (`name` + `name_scale`), or low-rank
     (`name_lr_a` (r, in) and `name_lr_b` (out, r), each float or int8)."""
     if _kind(state, name) == "lowrank":
-        return LowRank(_linear(state, name + "_lr_a", dtype, kernel), _linear(state, name + "_lr_b", dtype, kernel))
+        lr = LowRank(_linear(state, name + "_lr_a", dtype, kernel), _linear(state, name + "_lr_b", dtype, kernel))
+        if name + "_sp_val" not in state:
+            return lr
+        out_f = state[name + "_sp_crow"].numel() - 1
+        in_f = (state[name + "_lr_a"]).shape[1]
+        return SparseLowRank(lr, state[name + "_sp_crow"], state[name + "_sp_col"], state[name + "_sp_val"],
+                             (out_f, in_f))
     return _dense(*_get(state, name), dtype, kernel, state.get(name + "_act_scale"))
 
 
