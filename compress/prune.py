@@ -12,8 +12,8 @@ Gram matrix of the layer's calibration inputs (compress.calibration). All masks 
 chunks of a row batch are scored in one batched einsum, with no forward passes. Chunks are
 scored independently (as in the paper: the loss of two pruned chunks in the same row is not
 the sum of their losses), and every G comes from the unpruned model (no sequential
-re-calibration). The full-model loss per mask is not offered: it costs one forward pass per
-mask per chunk.
+re-calibration). The full-model loss (`score=model`) costs one forward of n_masks x tokens
+per chunk, so it is applied to `model_chunks` sampled chunks per matrix (compress.prune_model_loss).
 
 SVD re-densification replaces a (pruned) W by B @ A of rank r, stored as two factors
 (`<name>_lr_a` (r, in), `<name>_lr_b` (out, r)) that the engine runs as two linears, so it
@@ -138,6 +138,9 @@ class ConsensusPruneStep(Step):
     calib_samples: int = 16
     calib_seq_len: int = 256
     seed: int = 0
+    score: str = "local"  # "local" (exact layer-local loss) or "model" (full-model loss on a sample of chunks)
+    model_chunks: int = 4  # with score=model: chunks per matrix scored by the full-model loss
+    model_tokens: int = 64  # with score=model: calibration tokens per candidate forward
     stats: dict = field(default_factory=dict, repr=False)
 
     name = "prune"
@@ -145,20 +148,65 @@ class ConsensusPruneStep(Step):
     def apply(self, state, ctx):
         if not 0 < self.mask_sparsity < 1 or self.top_k > self.n_masks or self.chunk_size < 2:
             raise RecipeError("prune: need 0 < mask_sparsity < 1, top_k <= n_masks, chunk_size >= 2")
+        if self.score not in ("local", "model"):
+            raise RecipeError("prune: score must be 'local' or 'model'")
         names = select_weights(state, self.modules, self.layers)
         grams = _calibration(state, ctx, names, self.calib_samples, self.calib_seq_len)
         gen = torch.Generator().manual_seed(self.seed)
+        judge = self._model_judge(state, ctx) if self.score == "model" else None
         state = dict(state)
-        pruned_total = total = 0
+        pruned_total = total = agree = scored = 0
         for n in tqdm(names, desc="consensus pruning", disable=not ctx.get("progress", True)):
             dtype = state[n].dtype
             w, was_int8 = _take_float(state, n)
             mask = consensus_mask(w, grams[n], self.chunk_size, self.n_masks, self.mask_sparsity, self.top_k, gen)
+            if judge is not None:
+                a, s_ = self._rescore_with_model(judge, n, w, mask, gen)
+                agree, scored = agree + a, scored + s_
             _put(state, n, w.masked_fill(mask, 0), was_int8, dtype)
             pruned_total += int(mask.sum())
             total += mask.numel()
         self.stats = {"matrices": len(names), "sparsity": pruned_total / total}
+        if judge is not None:
+            self.stats.update(model_scored_chunks=scored, model_local_agreement=agree / max(scored, 1))
         return state
+
+    def _model_judge(self, state, ctx):
+        from transformers import AutoTokenizer
+
+        from server.engine.config import ModelArgs
+        from server.engine.loader import build_model
+        from server.engine.quant import dequantize_state
+
+        from .calibration import CalibConfig, calibration_ids
+
+        args = ModelArgs.from_hf_config(ctx["config"])
+        model = build_model(args, dequantize_state(state), max_len=self.model_tokens + 1)
+        tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
+        ids = torch.tensor([calibration_ids(tok, CalibConfig(1, self.model_tokens))[0]])
+        return model, args, ids
+
+    def _rescore_with_model(self, judge, name, w, mask, gen) -> tuple[int, int]:
+        """Replace the consensus of `model_chunks` random chunks by the full-model-loss one;
+        return (chunks where both criteria agreed, chunks scored)."""
+        from .prune_model_loss import engine_row, mask_model_losses
+
+        model, args, ids = judge
+        path, offset = engine_row(name, args)
+        out_f, in_f = w.shape
+        c = self.chunk_size
+        n_prune = max(1, round(self.mask_sparsity * c))
+        agree = 0
+        for _ in range(self.model_chunks):
+            r = int(torch.randint(out_f, (1,), generator=gen))
+            b = int(torch.randint(in_f // c, (1,), generator=gen))  # whole chunks only
+            cols = torch.arange(b * c, (b + 1) * c)
+            masks = torch.rand(self.n_masks, c, generator=gen).argsort(-1) < n_prune
+            losses = mask_model_losses(model, path, offset + r, cols, w[r, cols], masks, ids)
+            consensus = masks[losses.topk(self.top_k, largest=False).indices].all(0)
+            agree += bool(torch.equal(consensus, mask[r, cols]))
+            mask[r, cols] = consensus
+        return agree, self.model_chunks
 
 
 @dataclass

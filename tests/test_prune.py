@@ -205,3 +205,34 @@ def test_sparse_plus_lowrank_beats_lowrank_alone_and_runs(llama_dir, tmp_path):
     ids = torch.randint(0, engine.args.vocab_size, (1, 10))
     with torch.inference_mode():
         torch.testing.assert_close(engine(ids), ref(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_batched_model_loss_equals_loss_of_the_pruned_model(llama_dir):
+    # The hook trick (subtract the pruned weights' contribution from one output row) must give
+    # the same loss as actually zeroing those weights.
+    from compress.prune_model_loss import engine_row, mask_model_losses
+
+    config, state = load_hf_dir(llama_dir)
+    args = ModelArgs.from_hf_config(config)
+    model = build_model(args, state, max_len=32)
+    name = "model.layers.1.mlp.up_proj.weight"
+    path, offset = engine_row(name, args)
+    ids = torch.randint(0, args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    cols = torch.arange(15, 30)
+    masks = torch.rand(3, 15, generator=torch.Generator().manual_seed(1)) < 0.5
+    losses = mask_model_losses(model, path, offset + 7, cols, state[name][7, cols], masks, ids)
+    for m in range(3):
+        pruned = dict(state)
+        w = state[name].clone()
+        w[7, cols] = w[7, cols].masked_fill(masks[m], 0)
+        pruned[name] = w
+        logits = build_model(args, pruned, max_len=32)(ids)
+        ref = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        assert torch.allclose(losses[m], ref, atol=1e-4)
+
+
+def test_prune_with_model_score_records_agreement(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "pm", "prune(score=model,model_chunks=2,model_tokens=16,n_masks=40,"
+                                                     "top_k=3,calib_samples=2,calib_seq_len=32,layers=0)")
+    res = json.loads((art / "manifest.json").read_text())["steps"][0]["result"]
+    assert res["model_scored_chunks"] == 6 and 0 <= res["model_local_agreement"] <= 1
