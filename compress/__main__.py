@@ -144,6 +144,22 @@ def cmd_inspect(a) -> None:
     for kind, e in modules.items():
         forms = ", ".join(f"{n}x {f}" for f, n in e["form"].most_common())
         print(f"{kind:12s} {e['params'] / 1e6:9.2f}M {e['zeros'] / max(e['params'], 1) * 100:6.2f}%  {forms}")
+    if a.memory:
+        import resource
+
+        import torch
+
+        from .artifact import load_engine_model
+
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model, _ = load_engine_model(root, max_len=256, check=False)
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if isinstance(model, torch.nn.Module):
+            tensors = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+            print(f"memory     {tensors / 1e6:.1f} MB of engine tensors (parameters + buffers, RoPE tables "
+                  f"included), peak RSS grew {(rss1 - rss0) / 1e3:.1f} MB while loading")
+        else:
+            print(f"memory     peak RSS grew {(rss1 - rss0) / 1e3:.1f} MB while loading (ONNX Runtime session)")
     if m.get("eval"):
         e = m["eval"]
         print(f"eval       perplexity {e['perplexity']:.3f}  prefill {e['prefill_tok_s']:.1f} tok/s  "
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="print an artifact's manifest summary")
     i.add_argument("artifact")
     i.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    i.add_argument("--memory", action="store_true", help="load the model and report its in-memory size")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 

@@ -101,10 +101,11 @@ def test_cli_bad_recipe_is_one_line_error(llama_dir, tmp_path, capsys):
 def test_cli_build_inspect_eval(llama_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     assert compress_main(["build", "--model-dir", str(llama_dir), "--recipe", "int8", "--out", str(out)]) == 0
-    assert compress_main(["inspect", str(out), "--verify"]) == 0
+    assert compress_main(["inspect", str(out), "--verify", "--memory"]) == 0
     text = capsys.readouterr().out
     assert "precision  int8 (kernel weight_only)" in text and "int8: " in text
     assert "down_proj" in text and "2x int8" in text  # per-module storage table
+    assert "MB of engine tensors" in text
     assert compress_main(["eval", str(out), "--max-tokens", "256", "--seq-len", "64", "--prefill-tokens", "16",
                           "--decode-tokens", "4", "--repeats", "1", "--quiet"]) == 0
     ev = json.loads((out / "manifest.json").read_text())["eval"]
