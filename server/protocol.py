@@ -1,7 +1,7 @@
 """The OpenAI wire schema, as pydantic models (one module, fields in the OpenAI docs' order).
 
 Requests ignore unknown top-level fields (clients send many optional ones), but fields we
-accept and cannot honour (tools, logit_bias, JSON mode, logprobs) are rejected by
+accept and cannot honour (tools, logit_bias, JSON mode, penalties) are rejected by
 `unsupported()` with a clear 400 instead of being silently dropped.
 """
 
@@ -58,7 +58,6 @@ class SamplingRequest(BaseModel):
     model: str
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -92,22 +91,26 @@ class SamplingRequest(BaseModel):
         """(param, message) for an accepted-but-unimplemented option, else None."""
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported by this server"
-        if self.logprobs not in (None, False, 0):
-            return "logprobs", "logprobs are not supported by this server yet"
         if self.frequency_penalty or self.presence_penalty:
             return "frequency_penalty", "frequency/presence penalties are not supported by this server"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
         return None
 
+    def logprobs_k(self) -> int | None:
+        """None: no logprobs; k: the chosen token's logprob plus the top k."""
+        return None
+
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, n=self.n, stop=list(self.stop or []),
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, logprobs=self.logprobs_k())
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict | None = None
     tools: list[dict] | None = None
@@ -116,7 +119,12 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs requires logprobs to be true"
         if self.tools:
             return "tools", "tool calling is not supported by this server"
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -126,6 +134,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -141,6 +150,9 @@ class CompletionRequest(SamplingRequest):
                     raise ValueError("batched prompts are not supported: send one prompt per request")
                 return v[0]
         return v
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     def unsupported(self):
         if self.echo:
@@ -168,6 +180,37 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+    @classmethod
+    def from_entries(cls, entries: list[TokenLogprob], with_top: bool) -> "CompletionLogprobs":
+        offsets, pos = [], 0
+        for e in entries:  # offsets into the concatenated token texts
+            offsets.append(pos)
+            pos += len(e.token)
+        return cls(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                   top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries] if with_top else None,
+                   text_offset=offsets)
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
@@ -176,7 +219,7 @@ class ResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -198,7 +241,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -214,7 +257,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

@@ -49,8 +49,17 @@ class _Row:
 
 def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams,
                     on_tokens: Callable[[int], None] = lambda n: None):
-    """Build the worker-side generator: yields ("step", [(row, text, finish)], t) and ("usage", n).
+    """Build the worker-side generator: yields ("step", [(row, text, finish, logprob entry)], t)
+    and ("usage", n).
     `on_tokens` is told of every generated token as it happens, cancelled requests included."""
+
+    def token_entry(token: int, lp: tuple[float, list[tuple[int, float]]]) -> P.TokenLogprob:
+        def text(t: int) -> str:
+            return lm.tokenizer.decode([t], skip_special_tokens=False)
+
+        tops = [P.TopLogprob(token=(tt := text(t)), logprob=v, bytes=list(tt.encode())) for t, v in lp[1]]
+        tok_text = text(token)
+        return P.TokenLogprob(token=tok_text, logprob=lp[0], bytes=list(tok_text.encode()), top_logprobs=tops)
 
     def work(cancel: threading.Event) -> Iterator[tuple]:
         rows = [_Row(IncrementalDetokenizer(lm.tokenizer, prompt_ids), StopMatcher(params.stop)) for _ in range(params.n)]
@@ -69,7 +78,8 @@ def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingPara
                     if r.stop.stopped:
                         finished[i] = True  # generate() stops decoding this row
                         r.finish_reason = "stop"
-                deltas.append((i, text, r.finish_reason))
+                entry = token_entry(step.tokens[i], step.logprobs[i]) if step.logprobs else None
+                deltas.append((i, text, r.finish_reason, entry))
             on_tokens(len(deltas))
             yield ("step", deltas, time.perf_counter())
         final = []
@@ -77,7 +87,7 @@ def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingPara
             if r.finish_reason is None:  # token budget reached (or cancelled)
                 text = r.stop.feed(r.detok.flush()) + r.stop.flush()
                 r.finish_reason = "stop" if r.stop.stopped else "length"
-                final.append((i, text, r.finish_reason))
+                final.append((i, text, r.finish_reason, None))
         if final:
             yield ("step", final, time.perf_counter())
         yield ("usage", sum(r.tokens for r in rows))
@@ -180,30 +190,38 @@ class Serving:
         created = P.now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            sse = self._sse(job, lm, rid, created, len(prompt_ids), params.n, chat, include_usage, arrived)
+            sse = self._sse(job, lm, rid, created, len(prompt_ids), params.n, chat, include_usage, arrived,
+                            params.logprobs or 0)
             return StreamingResponse(sse, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(self._watch_disconnect(request, job))
         try:
             texts, finish, completion_tokens = ["" for _ in range(params.n)], [None] * params.n, 0
+            entries: list[list[P.TokenLogprob]] = [[] for _ in range(params.n)]
             async for kind, payload in self._events(job, lm, arrived, len(prompt_ids)):
                 if kind == "step":
-                    for i, text, fin in payload:
+                    for i, text, fin, entry in payload:
                         texts[i] += text
                         finish[i] = fin or finish[i]
+                        if entry is not None:
+                            entries[i].append(entry)
                 elif kind == "usage":
                     completion_tokens = payload
         finally:
             watcher.cancel()
         usage = P.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                         total_tokens=len(prompt_ids) + completion_tokens)
+        want_lp = params.logprobs is not None
         if chat:
             body = P.ChatCompletionResponse(id=rid, created=created, model=lm.name, usage=usage, choices=[
-                P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f or "length")
+                P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f or "length",
+                             logprobs=P.ChoiceLogprobs(content=entries[i]) if want_lp else None)
                 for i, (t, f) in enumerate(zip(texts, finish))])
         else:
             body = P.CompletionResponse(id=rid, created=created, model=lm.name, usage=usage, choices=[
-                P.CompletionChoice(index=i, text=t, finish_reason=f or "length")
+                P.CompletionChoice(index=i, text=t, finish_reason=f or "length",
+                                   logprobs=P.CompletionLogprobs.from_entries(entries[i], bool(params.logprobs))
+                                   if want_lp else None)
                 for i, (t, f) in enumerate(zip(texts, finish))])
         return JSONResponse(body.model_dump())
 
@@ -239,7 +257,8 @@ class Serving:
                 return
             await asyncio.sleep(0.1)
 
-    async def _sse(self, job, lm, rid, created, n_prompt, n, chat, include_usage, arrived) -> AsyncIterator[str]:
+    async def _sse(self, job, lm, rid, created, n_prompt, n, chat, include_usage, arrived,
+                   top_k: int) -> AsyncIterator[str]:
         completed = False
 
         def chunk(choices, usage=None) -> str:
@@ -262,14 +281,16 @@ class Serving:
             async for kind, payload in self._events(job, lm, arrived, n_prompt):
                 if kind == "step":
                     choices = []
-                    for i, text, fin in payload:
-                        if not text and not fin:
+                    for i, text, fin, entry in payload:
+                        if not text and not fin and entry is None:
                             continue
                         if chat:
+                            lp = P.ChoiceLogprobs(content=[entry]) if entry is not None else None
                             choices.append(P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=text or None),
-                                                             finish_reason=fin))
+                                                             finish_reason=fin, logprobs=lp))
                         else:
-                            choices.append(P.CompletionChoice(index=i, text=text, finish_reason=fin))
+                            lp = P.CompletionLogprobs.from_entries([entry], top_k > 0) if entry is not None else None
+                            choices.append(P.CompletionChoice(index=i, text=text, finish_reason=fin, logprobs=lp))
                     if choices:
                         yield chunk(choices)
                 elif kind == "usage" and include_usage:

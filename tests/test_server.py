@@ -95,7 +95,8 @@ def _post(live, path, body, **kw):
     ({"model": "tiny-chat", "messages": CHAT, "n": 0}, "n"),
     ({"model": "tiny-chat", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "tiny-chat", "messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
-    ({"model": "tiny-chat", "messages": CHAT, "logprobs": True}, "logprobs"),
+    ({"model": "tiny-chat", "messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "tiny-chat", "messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_bad_payloads_get_openai_errors(live, body, param):
     r = _post(live, "/v1/chat/completions", body)
@@ -246,3 +247,28 @@ def test_server_serves_an_onnx_artifact(llama_artifact, tmp_path):
         assert cards["tiny-onnx"]["meta"]["backend"] == "onnxruntime"
     finally:
         srv.close()
+
+
+def test_chat_logprobs_match_the_tokens_and_are_consistent(client):
+    kw = dict(model="tiny-chat", messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+              extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        # greedy: the chosen token is the most likely one
+        assert e.top_logprobs[0].token == e.token and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-5
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+    streamed = [c.choices[0].logprobs.content[0] for c in client.chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_completion_logprobs_legacy_format(client):
+    r = client.completions.create(model="tiny-base", prompt="One two", max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0

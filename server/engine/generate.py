@@ -28,6 +28,7 @@ class SamplingParams:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top k
 
 
 @dataclass
@@ -37,6 +38,8 @@ class StepOutput:
     tokens: list[int]
     active: list[bool]
     eos: list[bool]
+    # per row: (logprob of the chosen token, [(token, logprob)] top alternatives), when asked
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @torch.inference_mode()
@@ -49,6 +52,21 @@ def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tens
 def decode_one_token(model: Transformer, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """tok (B,) -> next-token logits (B, V), advancing the cache by one position."""
     return model(tok[:, None], cache, last_only=True)[:, -1]
+
+
+def token_logprobs(logits: torch.Tensor, tok: torch.Tensor, top: int | None):
+    """Log-probabilities under the model's own distribution (before temperature/top-k/top-p,
+    as vLLM reports them by default) of the chosen tokens and of the `top` most likely."""
+    if top is None:
+        return None
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, tok[:, None]).squeeze(-1).tolist()
+    if top > 0:
+        vals, idx = lp.topk(top, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return list(zip(chosen, tops))
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -93,7 +111,7 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams, 
         eos = [a and not params.ignore_eos and t in eos_ids for a, t in zip(active, toks)]
         for i, e in enumerate(eos):
             finished[i] = finished[i] or e
-        yield StepOutput(toks, active, eos)
+        yield StepOutput(toks, active, eos, token_logprobs(logits, tok, params.logprobs))
         if all(finished) or step == params.max_tokens - 1:
             return
         logits = decode_one_token(model, tok, cache)
