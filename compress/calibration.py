@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from server.engine.config import ModelArgs
-from server.engine.loader import build_model
+from server.engine.loader import build_model, fused_module_of
 from server.engine.quant import dequantize_state
 
 
@@ -35,20 +35,9 @@ def calibration_ids(tokenizer, cfg: CalibConfig) -> list[list[int]]:
     return [ids[i * cfg.seq_len:(i + 1) * cfg.seq_len] for i in range(cfg.samples)]
 
 
-# HF projection name -> (engine module path template, shared-input group)
-_INPUT_OF = {
-    "q_proj": "layers.{i}.attn.wqkv", "k_proj": "layers.{i}.attn.wqkv", "v_proj": "layers.{i}.attn.wqkv",
-    "o_proj": "layers.{i}.attn.wo",
-    "gate_proj": "layers.{i}.mlp.w13", "up_proj": "layers.{i}.mlp.w13",
-    "down_proj": "layers.{i}.mlp.w2",
-}
-
-
 def engine_module_for(hf_name: str) -> str:
-    """'model.layers.3.mlp.up_proj.weight' -> 'layers.3.mlp.w13'."""
-    parts = hf_name.split(".")
-    layer, proj = int(parts[2]), parts[4]
-    return _INPUT_OF[proj].format(i=layer)
+    """'model.layers.3.mlp.up_proj.weight' -> 'layers.3.mlp.w13' (projections fused there share its input)."""
+    return fused_module_of(hf_name)[0]
 
 
 @torch.inference_mode()
@@ -79,3 +68,14 @@ def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[li
         for h in hooks:
             h.remove()
     return {n: grams[engine_module_for(n)].float() for n in hf_names}
+
+
+def calibration_stat(state: dict[str, torch.Tensor], ctx: dict, names: list[str], samples: int, seq_len: int,
+                     stat: str = "gram") -> dict[str, torch.Tensor]:
+    """`collect_grams` for a recipe step: the calibration split tokenized with the source
+    model's tokenizer (ctx["model_dir"]), on the model as it stands (ctx["config"], state)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
+    batches = calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
+    return collect_grams(ctx["config"], state, batches, names, progress=ctx.get("progress", True), stat=stat)

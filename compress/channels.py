@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibration import calibration_stat
 from .prune import select_weights
 from .recipes import RecipeError, Step
 
@@ -32,10 +33,8 @@ class ChannelPruneStep(Step):
             raise RecipeError("channels: ratio must be in (0, 1)")
         if any("_lr_" in k for k in state):
             raise RecipeError("channels: run it before svd (it slices dense MLP matrices)")
-        from .prune import _calibration
-
         downs = select_weights(state, "down_proj", "all")
-        grams = _calibration(state, ctx, downs, self.calib_samples, self.calib_seq_len)
+        grams = calibration_stat(state, ctx, downs, self.calib_samples, self.calib_seq_len)
         hidden = state[downs[0]].shape[1]
         keep_n = max(self.multiple_of, int(round(hidden * (1 - self.ratio) / self.multiple_of)) * self.multiple_of)
         state = dict(state)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from server.engine.quant import dequantize, quantize_per_channel
 
+from .calibration import calibration_stat
 from .recipes import RecipeError, Step
 
 _GROUPS = {"mlp": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -112,21 +113,6 @@ def consensus_mask(w: torch.Tensor, gram: torch.Tensor, chunk: int, n_masks: int
     return pruned.view(out_f, nb * chunk)[:, :in_f]
 
 
-def _calibration_stat(state: dict, ctx: dict, names: list[str], samples: int, seq_len: int,
-                      stat: str) -> dict[str, torch.Tensor]:
-    from transformers import AutoTokenizer
-
-    from .calibration import CalibConfig, calibration_ids, collect_grams
-
-    tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
-    batches = calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
-    return collect_grams(ctx["config"], state, batches, names, progress=ctx.get("progress", True), stat=stat)
-
-
-def _calibration(state: dict, ctx: dict, names: list[str], samples: int, seq_len: int) -> dict[str, torch.Tensor]:
-    return _calibration_stat(state, ctx, names, samples, seq_len, "gram")
-
-
 @dataclass
 class ConsensusPruneStep(Step):
     chunk_size: int = 15  # weights per chunk (the paper's 15)
@@ -151,7 +137,7 @@ class ConsensusPruneStep(Step):
         if self.score not in ("local", "model"):
             raise RecipeError("prune: score must be 'local' or 'model'")
         names = select_weights(state, self.modules, self.layers)
-        grams = _calibration(state, ctx, names, self.calib_samples, self.calib_seq_len)
+        grams = calibration_stat(state, ctx, names, self.calib_samples, self.calib_seq_len)
         gen = torch.Generator().manual_seed(self.seed)
         judge = self._model_judge(state, ctx) if self.score == "model" else None
         state = dict(state)

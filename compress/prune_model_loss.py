@@ -15,18 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.config import ModelArgs
+from server.engine.loader import fused_module_of
 
 
 def engine_row(hf_name: str, args: ModelArgs) -> tuple[str, int]:
     """(engine module path, row offset of this projection inside the fused matrix)."""
-    parts = hf_name.split(".")
-    layer, proj = int(parts[2]), parts[4]
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    table = {"q_proj": ("attn.wqkv", 0), "k_proj": ("attn.wqkv", q), "v_proj": ("attn.wqkv", q + kv),
-             "o_proj": ("attn.wo", 0), "gate_proj": ("mlp.w13", 0), "up_proj": ("mlp.w13", args.hidden_dim),
-             "down_proj": ("mlp.w2", 0)}
-    path, offset = table[proj]
-    return f"layers.{layer}.{path}", offset
+    path, fused = fused_module_of(hf_name)
+    kv = args.n_kv_heads * args.head_dim
+    rows = {"q_proj": args.n_heads * args.head_dim, "k_proj": kv, "v_proj": kv,
+            "gate_proj": args.hidden_dim, "up_proj": args.hidden_dim}
+    return path, sum(rows[n.split(".")[4]] for n in fused[:fused.index(hf_name)])
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from server.engine.loader import FUSED_PROJECTIONS
+
 from .recipes import RecipeError, Step
 
 
@@ -40,10 +42,6 @@ class FakeQuantLinear(nn.Module):
         if self.act_bits:
             x = fake_quant_rows(x)  # one scale per token, as the dynamic kernel does at decode
         return F.linear(x, fake_quant_rows(self.weight) if self.weight_bits else self.weight)
-
-
-_PROJ = {"attn.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-         "attn.wo": ["self_attn.o_proj"], "mlp.w13": ["mlp.gate_proj", "mlp.up_proj"], "mlp.w2": ["mlp.down_proj"]}
 
 
 @dataclass
@@ -76,7 +74,7 @@ class QATStep(Step):
         model = build_model(args, {k: v.float() for k, v in state.items()}, max_len=self.seq_len + 1)
         params = []
         for block in model.layers:
-            for path in _PROJ:
+            for path in FUSED_PROJECTIONS:
                 parent, attr = path.split(".")
                 owner = getattr(block, parent)
                 fq = FakeQuantLinear(getattr(owner, attr).weight, self.act_bits, self.weight_bits)
@@ -105,7 +103,7 @@ class QATStep(Step):
             losses.append(loss.item())
         state = dict(state)
         for i, block in enumerate(model.layers):
-            for path, names in _PROJ.items():
+            for path, names in FUSED_PROJECTIONS.items():
                 parent, attr = path.split(".")
                 w = getattr(getattr(block, parent), attr).weight.detach()
                 sizes = [state[f"model.layers.{i}.{n}.weight"].shape[0] for n in names]

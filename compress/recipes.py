@@ -89,10 +89,11 @@ class Int8StaticStep(Int8Step):
         return "int8-static"
 
     def apply(self, state, ctx):
-        from .prune import _calibration_stat, select_weights
+        from .calibration import calibration_stat
+        from .prune import select_weights
 
         names = select_weights(state, "all", "all")
-        amax = _calibration_stat(state, ctx, names, self.calib_samples, self.calib_seq_len, "absmax")
+        amax = calibration_stat(state, ctx, names, self.calib_samples, self.calib_seq_len, "absmax")
         out = super().apply(state, ctx)
         for n in names:
             out[n + "_act_scale"] = (amax[n].max().float() / 127.0).clamp(min=1e-8).reshape(())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibration import calibration_stat
 from .prune import select_weights
 from .recipes import RecipeError, Step
 
@@ -34,10 +35,8 @@ class SmoothStep(Step):
     def apply(self, state, ctx):
         if any(k.endswith(("_scale", "_lr_a")) for k in state):
             raise RecipeError("smooth needs dense float weights: put it before int8/int8-dynamic/svd")
-        from .prune import _calibration_stat
-
         heads = select_weights(state, "q_proj+gate_proj+down_proj", "all")
-        amax = _calibration_stat(state, ctx, heads, self.calib_samples, self.calib_seq_len, "absmax")
+        amax = calibration_stat(state, ctx, heads, self.calib_samples, self.calib_seq_len, "absmax")
         gemma = ctx["config"].get("model_type", "").startswith("gemma")
         offset = 1.0 if gemma else 0.0
         state = dict(state)

@@ -15,7 +15,25 @@ from .model import Transformer, rope_tables
 from .quant import Int8Embedding, int8_linear
 
 _ATTN = "model.layers.{i}.self_attn."
-_MLP = "model.layers.{i}.mlp."
+
+# Engine module of each layer -> the HF projections fused into it, in row order. The one
+# place that knows the fusion; calibration, QAT and pruning derive their mappings from it.
+FUSED_PROJECTIONS = {
+    "attn.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "attn.wo": ["self_attn.o_proj"],
+    "mlp.w13": ["mlp.gate_proj", "mlp.up_proj"],
+    "mlp.w2": ["mlp.down_proj"],
+}
+
+
+def fused_module_of(hf_name: str) -> tuple[str, list[str]]:
+    """'model.layers.3.mlp.up_proj.weight' -> ('layers.3.mlp.w13', [fused HF weight names])."""
+    parts = hf_name.split(".")
+    layer, proj = parts[2], ".".join(parts[3:5])
+    for path, projs in FUSED_PROJECTIONS.items():
+        if proj in projs:
+            return f"layers.{layer}.{path}", [f"model.layers.{layer}.{p}.weight" for p in projs]
+    raise KeyError(f"{hf_name!r} is not a fused projection weight")
 
 
 def _get(state: dict, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,12 +150,11 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     for name, buf in rope_buffers(args, model.max_len).items():
         setattr(model, name, buf)  # fp32 tables, cast per forward like HF does
     for i, block in enumerate(model.layers):
-        a, m = _ATTN.format(i=i), _MLP.format(i=i)
-        block.attn.wqkv = _projection(state, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
-                                      compute, int8_kernel)
-        block.attn.wo = _projection(state, [a + "o_proj.weight"], compute, int8_kernel)
-        block.mlp.w13 = _projection(state, [m + "gate_proj.weight", m + "up_proj.weight"], compute, int8_kernel)
-        block.mlp.w2 = _projection(state, [m + "down_proj.weight"], compute, int8_kernel)
+        a = _ATTN.format(i=i)
+        for path, projs in FUSED_PROJECTIONS.items():
+            parent, attr = path.split(".")
+            names = [f"model.layers.{i}.{p}.weight" for p in projs]
+            setattr(getattr(block, parent), attr, _projection(state, names, compute, int8_kernel))
         p = f"model.layers.{i}."
         _set_param(block.attn_norm, state[p + "input_layernorm.weight"])
         if args.sandwich_norm:
