@@ -169,3 +169,33 @@ def client(live):
     from openai import OpenAI
 
     return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def make_mm_tokenizer(path: Path, vocab: int = 400) -> Path:
+    """A small memory-model sentencepiece tokenizer trained on generated problems."""
+    from memory_model.data import problem_texts
+    from memory_model.tokenizer import train_tokenizer
+
+    return train_tokenizer(problem_texts(300), path, vocab_size=vocab)
+
+
+def save_tiny_memory_model(path: Path, tokenizer: Path, seed: int = 0) -> Path:
+    from memory_model.checkpoint import save_checkpoint
+    from memory_model.model import build_model, from_preset
+    from memory_model.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    cfg = from_preset("mm-tiny", vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                      eos_id=tok.eos_id)
+    save_checkpoint(path, build_model(cfg, seed=seed), cfg, tok, {"stage": "random", "preset": "mm-tiny"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def mm_tokenizer(tmp_path_factory) -> Path:
+    return make_mm_tokenizer(tmp_path_factory.mktemp("mmtok") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def mm_checkpoint(mm_tokenizer, tmp_path_factory) -> Path:
+    return save_tiny_memory_model(tmp_path_factory.mktemp("mm") / "mm-tiny", mm_tokenizer)

@@ -1,0 +1,191 @@
+"""REINFORCE post-training of the memory model (the seed's policy-gradient stage).
+
+Policy: the memory model. State: (prompt, the large model's chain-of-thought). Action: a
+condensed prompt, sampled token by token. Reward, from the large model reading only the
+condensed prompt (the same answer prompt the hybrid loop serves):
+
+    r = mean log p_large(' answer' | condensed)  +  correct_bonus * [greedy writes the answer]
+        - length_penalty * (condensed length in large-model tokens) / 100
+        - kl_coef * sum_t (log pi(a_t) - log pi_ref(a_t))          (pi_ref: the starting policy)
+
+K samples per prompt; advantage = r_i - mean of the other K-1 rewards (leave-one-out) or
+- mean of all K (`baseline=mean`), optionally divided by the batch's std; loss =
+-mean(A_i * log pi(sample_i)) - entropy_coef * mean token entropy. Reward, answer
+log-likelihood, greedy accuracy, length, KL and entropy are logged every step; a fixed
+validation set is condensed greedily every `eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from server.runner import LoadedModel
+
+from . import large
+from .checkpoint import load_train_state, read_log, save_checkpoint
+from .condense import MemoryModel
+from .model import sequence_logprobs
+
+
+@dataclass
+class ReinforceConfig:
+    steps: int = 120  # policy updates
+    prompts_per_step: int = 4
+    samples_per_prompt: int = 4  # K
+    max_new: int = 100  # condensed-prompt budget (memory-model tokens)
+    temperature: float = 1.0
+    top_k: int = 0
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    baseline: str = "loo"  # "loo" (leave-one-out) or "mean"
+    normalize_advantages: bool = True
+    kl_coef: float = 0.02
+    entropy_coef: float = 0.0
+    length_penalty: float = 0.3  # reward lost per 100 large-model tokens of condensed prompt
+    correct_bonus: float = 1.0
+    eval_every: int = 20
+    eval_size: int = 32
+    save_every: int = 40
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.baseline not in ("loo", "mean"):
+            raise ValueError("baseline must be 'loo' or 'mean'")
+        if self.baseline == "loo" and self.samples_per_prompt < 2:
+            raise ValueError("a leave-one-out baseline needs samples_per_prompt >= 2")
+
+
+def rewards(lm: LoadedModel, texts: list[str], answers: list[int], rc: ReinforceConfig) -> list[dict]:
+    scored = large.score_answers(lm, texts, answers)
+    out = []
+    for text, (lp, ok) in zip(texts, scored):
+        n_large = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        r = lp + rc.correct_bonus * ok - rc.length_penalty * n_large / 100
+        out.append({"reward": r, "answer_logp": lp, "correct": ok, "large_tokens": n_large})
+    return out
+
+
+def advantages(r: torch.Tensor, baseline: str, normalize: bool) -> torch.Tensor:
+    """r (P, K) -> advantages (P, K)."""
+    k = r.shape[1]
+    if baseline == "loo":
+        b = (r.sum(1, keepdim=True) - r) / (k - 1)
+    else:
+        b = r.mean(1, keepdim=True)
+    a = r - b
+    if normalize:
+        a = a / (a.std() + 1e-6)
+    return a
+
+
+@torch.no_grad()
+def evaluate_policy(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceConfig) -> dict:
+    texts = [mm.condense(r["question"], r["cot"], max_new=rc.max_new).text for r in rows]
+    rs = rewards(lm, texts, [r["answer"] for r in rows], rc)
+    n = len(rs)
+    return {"eval_accuracy": sum(x["correct"] for x in rs) / n,
+            "eval_answer_logp": sum(x["answer_logp"] for x in rs) / n,
+            "eval_large_tokens": sum(x["large_tokens"] for x in rs) / n,
+            "eval_reward": sum(x["reward"] for x in rs) / n}
+
+
+def reinforce(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceConfig, out: Path, meta: dict,
+              resume: bool = False, progress: bool = True) -> list[dict]:
+    policy = mm.model
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=rc.lr, betas=(0.9, 0.95), weight_decay=rc.weight_decay)
+    rng = random.Random(rc.seed)
+    eval_rows = rows[:rc.eval_size]  # fixed; sampled training prompts come from the rest
+    train_rows = rows[rc.eval_size:] or rows
+    step, log = 0, []
+    if resume:
+        state = load_train_state(out)
+        if state is None:
+            raise FileNotFoundError(f"--resume: {out} has no train_state.pt")
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        rng.seed(rc.seed * 1_000_003 + step)  # a fresh but deterministic prompt order after resume
+        log = read_log(out)
+        ref_weights = state.get("ref_weights")
+        if ref_weights is not None:
+            ref.load_state_dict(ref_weights)
+    meta = {**meta, "reinforce_config": asdict(rc)}
+
+    def save(final: bool = False) -> None:
+        ts = {"optimizer": opt.state_dict(), "step": step,
+              "ref_weights": {k: v for k, v in ref.state_dict().items() if k != "output.weight"}}
+        save_checkpoint(out, policy, mm.cfg, mm.tok, {**meta, "step": step, "complete": final},
+                        train_state=ts, log=log)
+
+    if step == 0:
+        log.append({"step": 0, **evaluate_policy(mm, lm, eval_rows, rc)})
+    bar = tqdm(total=rc.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    k = rc.samples_per_prompt
+    while step < rc.steps:
+        t0 = time.perf_counter()
+        batch = [train_rows[rng.randrange(len(train_rows))] for _ in range(rc.prompts_per_step)]
+        policy.eval()
+        seqs, starts, texts, answers = [], [], [], []
+        for i, r in enumerate(batch):
+            samples = mm.sample(r["question"], r["cot"], n=k, max_new=rc.max_new, temperature=rc.temperature,
+                                top_k=rc.top_k, seed=rc.seed * 1_000_003 + step * 97 + i)
+            for c in samples:
+                ids = mm.input_ids(r["question"], r["cot"])
+                seqs.append(ids + c.token_ids)
+                starts.append(len(ids))
+                texts.append(c.text)
+                answers.append(r["answer"])
+        t_sample = time.perf_counter() - t0
+        rs = rewards(lm, texts, answers, rc)
+        t_score = time.perf_counter() - t0 - t_sample
+        policy.train()
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), mm.cfg.pad_id, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s)
+        dev = next(policy.parameters()).device
+        ids = ids.to(dev)
+        start = torch.tensor(starts, device=dev)
+        length = torch.tensor([len(s) for s in seqs], device=dev)
+        logp, ent, tok_logp = sequence_logprobs(policy, ids, start, length)
+        with torch.no_grad():
+            _, _, ref_tok_logp = sequence_logprobs(ref, ids, start, length)
+            kl = (tok_logp - ref_tok_logp).sum(-1)  # sampled-token estimate of KL(pi || pi_ref)
+            r = torch.tensor([x["reward"] for x in rs], device=dev) - rc.kl_coef * kl
+            adv = advantages(r.view(-1, k), rc.baseline, rc.normalize_advantages).view(-1)
+        loss = -(adv * logp).mean() - rc.entropy_coef * ent.mean()
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), rc.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n = len(rs)
+        rec = {"step": step, "reward": round(r.mean().item(), 4),
+               "answer_logp": round(sum(x["answer_logp"] for x in rs) / n, 4),
+               "accuracy": round(sum(x["correct"] for x in rs) / n, 4),
+               "large_tokens": round(sum(x["large_tokens"] for x in rs) / n, 1),
+               "policy_tokens": round(float((length - start).float().mean()), 1),
+               "kl": round(kl.mean().item(), 4), "entropy": round(ent.mean().item(), 4),
+               "grad_norm": round(gnorm, 3), "sample_s": round(t_sample, 2), "score_s": round(t_score, 2),
+               "step_s": round(time.perf_counter() - t0, 2)}
+        if step % rc.eval_every == 0 or step == rc.steps:
+            policy.eval()
+            rec.update(evaluate_policy(mm, lm, eval_rows, rc))
+        log.append(rec)
+        bar.update(1)
+        bar.set_postfix(r=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}", len=f"{rec['large_tokens']:.0f}",
+                        kl=f"{rec['kl']:.2f}")
+        if step % rc.save_every == 0 and step < rc.steps:
+            save()
+    bar.close()
+    policy.eval()
+    save(final=True)
+    return log
