@@ -66,6 +66,7 @@ def _train_config(a):
 
     return TrainConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.seq_len,
                        lr=a.lr, warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, log_every=a.log_every,
+                       precision=a.precision,
                        seed=a.seed)
 
 
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--eval-every", type=int, default=100)
         q.add_argument("--save-every", type=int, default=250)
         q.add_argument("--log-every", type=int, default=10)
+        q.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="auto", help="auto, cpu, cuda")
         q.add_argument("--threads", type=int, default=0)

@@ -4,6 +4,10 @@ Run:
     python -m server                                    # default artifact (built on first run)
     python -m server --artifact artifacts/smollm2-135m-instruct-int8 --port 8000
     python -m server --artifact chat=artifacts/a --artifact base=artifacts/b --api-key KEY1 --api-key KEY2
+    python -m server --hybrid-default --hybrid-loops 2   # every chat request runs the hybrid loop
+The shipped memory model (memory_model/checkpoints/default) is loaded unless --memory-model
+names another checkpoint or `none`; a request turns the hybrid loop on with
+"hybrid": {"loops": 2} or "reasoning_effort": "low" | "medium" | "high".
 Then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "smollm2-135m-instruct-int8", "messages": [{"role": "user", "content": "Hi"}]}'
 """
@@ -21,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by a
 DEFAULT_SOURCE = "smollm2-135m-instruct"
 DEFAULT_RECIPE = "int8"
 DEFAULT_ARTIFACT = Path("artifacts") / f"{DEFAULT_SOURCE}-{DEFAULT_RECIPE}"
+DEFAULT_MEMORY_MODEL = Path(__file__).resolve().parent.parent / "memory_model" / "checkpoints" / "default"
 
 
 def ensure_default_artifact() -> Path:
@@ -34,6 +39,12 @@ def ensure_default_artifact() -> Path:
         if rc:
             sys.exit(rc)
     return DEFAULT_ARTIFACT
+
+
+def _memory_model_path(arg: str | None) -> str | None:
+    if arg is None:  # the shipped checkpoint, when this checkout has it
+        return str(DEFAULT_MEMORY_MODEL) if (DEFAULT_MEMORY_MODEL / "config.json").is_file() else None
+    return None if arg.lower() == "none" else arg
 
 
 def parse_args(argv: list[str] | None = None):
@@ -57,6 +68,19 @@ def parse_args(argv: list[str] | None = None):
                    help="require this runtime (auto: what each artifact was built for; ONNX artifacts come "
                         "from `python -m compress export-onnx`)")
     p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
+    h = p.add_argument_group("hybrid loop")
+    h.add_argument("--memory-model", default=None,
+                   help="memory-model checkpoint for the hybrid loop (default: the shipped one; "
+                        "'none' disables the loop)")
+    h.add_argument("--hybrid-default", action="store_true", help="run the hybrid loop unless a request says no")
+    h.add_argument("--hybrid-loops", type=int, default=d.hybrid_loops, help="N_loops")
+    h.add_argument("--hybrid-cot-groups", type=int, default=d.hybrid_cot_groups, help="G_max")
+    h.add_argument("--hybrid-cot-group-tokens", type=int, default=d.hybrid_cot_group_tokens)
+    h.add_argument("--hybrid-condense-tokens", type=int, default=d.hybrid_condense_tokens)
+    h.add_argument("--hybrid-answer-tokens", type=int, default=d.hybrid_answer_tokens,
+                   help="final answer budget when a request sets no max_tokens")
+    h.add_argument("--ping-interval", type=float, default=d.ping_interval_s,
+                   help="seconds of silence before an SSE keep-alive comment")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
@@ -64,7 +88,12 @@ def parse_args(argv: list[str] | None = None):
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
                            max_tokens_default=a.max_tokens_default, threads=a.threads,
                            max_kv_cache_mb=a.max_kv_cache_mb,
-                           verify_checksums=not a.no_verify)
+                           verify_checksums=not a.no_verify,
+                           memory_model=_memory_model_path(a.memory_model),
+                           hybrid_default=a.hybrid_default, hybrid_loops=a.hybrid_loops,
+                           hybrid_cot_groups=a.hybrid_cot_groups, hybrid_cot_group_tokens=a.hybrid_cot_group_tokens,
+                           hybrid_condense_tokens=a.hybrid_condense_tokens,
+                           hybrid_answer_tokens=a.hybrid_answer_tokens, ping_interval_s=a.ping_interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} is a {backend} artifact but --backend {a.backend} was asked"
                   + ("; export one with `python -m compress export-onnx`" if a.backend == "onnxruntime" else ""),
                   file=sys.stderr)
+            return 2
+    if cfg.memory_model:
+        from memory_model.checkpoint import read_config
+
+        try:
+            read_config(Path(cfg.memory_model))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: memory model: {e}", file=sys.stderr)
             return 2
     import uvicorn
 

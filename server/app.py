@@ -44,7 +44,12 @@ class AppState:
                 models[name] = load_model(path, name, self.cfg.max_model_len, self.cfg.verify_checksums)
             if not models:
                 raise ValueError("no artifact configured")
-            self.serving = Serving(models, self.cfg, self.metrics)
+            memory = None
+            if self.cfg.memory_model:
+                from memory_model.condense import MemoryModel
+
+                memory = MemoryModel(self.cfg.memory_model)
+            self.serving = Serving(models, self.cfg, self.metrics, memory)
             log.info("loaded %s in %.1fs", ", ".join(models), time.perf_counter() - t0)
         except Exception as e:  # surfaced on /health and on every request
             self.load_error = f"{type(e).__name__}: {e}"

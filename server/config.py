@@ -19,6 +19,15 @@ class ServerConfig:
     threads: int | None = None  # torch intra-op threads; None = torch default
     verify_checksums: bool = True  # refuse artifacts whose files don't match the manifest
     retry_after_s: int = 2  # Retry-After sent with 429 / 503
+    # the hybrid loop
+    memory_model: str | None = None  # memory-model checkpoint directory; None = hybrid unavailable
+    hybrid_default: bool = False  # run the hybrid loop for requests that do not ask either way
+    hybrid_loops: int = 4  # N_loops
+    hybrid_cot_groups: int = 3  # G_max
+    hybrid_cot_group_tokens: int = 64
+    hybrid_condense_tokens: int = 100
+    hybrid_answer_tokens: int = 512  # final answer budget when the request sets no max_tokens
+    ping_interval_s: float = 5.0  # SSE comment sent when a stream has had no event for this long
 
     def model_paths(self) -> dict[str, Path]:
         out: dict[str, Path] = {}

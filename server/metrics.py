@@ -24,6 +24,29 @@ class Metrics:
         self.waiting = Gauge("hybrid_requests_waiting", "Requests queued for the worker", registry=r)
         self.running = Gauge("hybrid_requests_running", "Requests being generated", registry=r)
         self.cancelled = Counter("hybrid_requests_cancelled", "Requests cancelled by client disconnect", registry=r)
+        # the hybrid loop, per stage (stage: cot, condense, answer; role: large, small)
+        self.loop_requests = Counter("hybrid_loop_requests", "Requests served by the hybrid loop", ["model"],
+                                     registry=r)
+        self.stage_seconds = Histogram("hybrid_loop_stage_seconds", "Time per request spent in each hybrid stage",
+                                       ["model", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stage_tokens = Counter("hybrid_loop_tokens", "Hybrid-loop tokens by model role and kind "
+                                    "(prompt = prefilled, cached = reused KV, completion = generated)",
+                                    ["model", "role", "kind"], registry=r)
+        self.reasoning_tokens = Counter("hybrid_loop_reasoning_tokens", "Raw chain-of-thought vs condensed tokens",
+                                        ["model", "kind"], registry=r)
+        self.peak_context = Histogram("hybrid_loop_peak_context_tokens", "Longest large-model context per request",
+                                      ["model"], buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
+
+    def observe_hybrid(self, model: str, st) -> None:
+        self.loop_requests.labels(model).inc()
+        for stage, s in st.seconds.items():
+            self.stage_seconds.labels(model, stage).observe(s)
+        for role, ms in (("large", st.large), ("small", st.small)):
+            for kind in ("prompt", "cached", "completion"):
+                self.stage_tokens.labels(model, role, kind).inc(getattr(ms, f"{kind}_tokens"))
+        self.reasoning_tokens.labels(model, "raw").inc(st.raw_reasoning_tokens)
+        self.reasoning_tokens.labels(model, "condensed").inc(st.condensed_tokens)
+        self.peak_context.labels(model).observe(st.peak_context_tokens)
 
     def set_queue_state(self, waiting: int, running: int) -> None:
         self.waiting.set(waiting)

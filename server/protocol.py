@@ -107,8 +107,28 @@ class SamplingRequest(BaseModel):
                               ignore_eos=self.ignore_eos, logprobs=self.logprobs_k())
 
 
+class HybridOptions(BaseModel):
+    """Extension: the hybrid loop (large model thinks, memory model condenses). Fields left
+    out take the server's defaults; unknown fields are an error, not silently ignored."""
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    loops: int | None = Field(default=None, ge=0, le=16)
+    cot_groups: int | None = Field(default=None, ge=1, le=16)
+    cot_group_tokens: int | None = Field(default=None, ge=1, le=512)
+    condense_tokens: int | None = Field(default=None, ge=1, le=512)
+    cot_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    return_reasoning: bool | None = None
+
+
+# reasoning_effort -> hybrid loops (none/minimal: answer directly)
+REASONING_EFFORT_LOOPS = {"none": 0, "minimal": 0, "low": 1, "medium": 2, "high": 4}
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    hybrid: HybridOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -174,10 +194,40 @@ def now() -> int:
     return int(time.time())
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class StageSeconds(BaseModel):
+    cot: float
+    condense: float
+    answer: float
+
+
+class ModelTokenUsage(BaseModel):
+    prompt_tokens: int  # prefilled
+    cached_tokens: int  # reused from the request's KV cache
+    completion_tokens: int
+
+
+class HybridUsage(BaseModel):
+    """Extension: per-stage accounting of a hybrid request."""
+    loops: int
+    large: ModelTokenUsage
+    small: ModelTokenUsage
+    raw_reasoning_tokens: int
+    condensed_tokens: int
+    final_prompt_tokens: int
+    peak_context_tokens: int
+    seconds: StageSeconds
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
+    hybrid: HybridUsage | None = None
 
 
 class TopLogprob(BaseModel):
@@ -214,6 +264,9 @@ class CompletionLogprobs(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # the hybrid loop's reasoning under both names clients read (vLLM/DeepSeek, OpenRouter)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -236,6 +289,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -22,6 +22,7 @@ from . import protocol as P
 from .config import ServerConfig
 from .detok import IncrementalDetokenizer, StopMatcher
 from .engine.generate import SamplingParams, generate
+from .hybrid import HybridParams, context_budget, hybrid_work
 from .metrics import Metrics
 from .runner import LoadedModel
 from .scheduler import Job, QueueFull, Scheduler
@@ -95,9 +96,22 @@ def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingPara
     return work
 
 
+def hybrid_usage(n_prompt: int, n_answer: int, stats) -> P.Usage:
+    """OpenAI usage; with hybrid stats, reasoning tokens (chain-of-thought + condensed
+    prompts) count as completion tokens, as OpenAI counts a reasoning model's."""
+    if stats is None:
+        return P.Usage(prompt_tokens=n_prompt, completion_tokens=n_answer, total_tokens=n_prompt + n_answer)
+    reasoning = stats.raw_reasoning_tokens + stats.condensed_tokens
+    completion = n_answer + reasoning
+    return P.Usage(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion,
+                   completion_tokens_details=P.CompletionTokensDetails(reasoning_tokens=reasoning),
+                   hybrid=P.HybridUsage(**stats.to_dict()))
+
+
 class Serving:
-    def __init__(self, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics):
+    def __init__(self, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics, memory=None):
         self.models = models
+        self.memory = memory  # memory_model.condense.MemoryModel, or None: no hybrid loop
         self.default_model = next(iter(models))
         self.cfg = cfg
         self.metrics = metrics
@@ -150,9 +164,39 @@ class Serving:
         if bad:
             raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter")
 
-    def _submit(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> Job:
+    def _hybrid_params(self, req: P.ChatCompletionRequest) -> HybridParams | None:
+        """The request's hybrid settings (server defaults filled in), or None for direct generation."""
+        c, h = self.cfg, req.hybrid
+        if h is not None:
+            on = h.enabled
+        elif req.reasoning_effort is not None:
+            on = P.REASONING_EFFORT_LOOPS[req.reasoning_effort] > 0
+        else:
+            on = c.hybrid_default
+        if not on:
+            return None
+        if self.memory is None:
+            raise APIError(400, "the hybrid loop was requested but this server has no memory model "
+                                "(start it with --memory-model)", param="hybrid", code="hybrid_unavailable")
+        if req.n != 1:
+            raise APIError(400, "the hybrid loop produces one answer: n must be 1", param="n")
+        if req.logprobs:
+            raise APIError(400, "logprobs are not available with the hybrid loop", param="logprobs")
+        loops = c.hybrid_loops
+        if req.reasoning_effort is not None:
+            loops = P.REASONING_EFFORT_LOOPS[req.reasoning_effort] or loops
+        hp = HybridParams(loops=loops, cot_groups=c.hybrid_cot_groups, cot_group_tokens=c.hybrid_cot_group_tokens,
+                          condense_tokens=c.hybrid_condense_tokens)
+        if h is not None:
+            for k, v in h.model_dump(exclude={"enabled"}).items():
+                if v is not None:
+                    setattr(hp, k, v)
+        return hp
+
+    def _submit(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams, work=None) -> Job:
         counter = self.metrics.generation_tokens.labels(lm.name)
-        job = Job(work=generation_work(lm, prompt_ids, params, counter.inc), loop=asyncio.get_running_loop())
+        work = work or generation_work(lm, prompt_ids, params, counter.inc)
+        job = Job(work=work, loop=asyncio.get_running_loop())
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -170,6 +214,9 @@ class Serving:
             prompt_ids, stops = lm.encode_chat(messages)
         except TemplateError as e:  # e.g. a template that rejects this role order
             raise APIError(400, f"the model's chat template rejected these messages: {e}", param="messages") from e
+        hp = self._hybrid_params(req)
+        if hp is not None:
+            return await self._respond_hybrid(req, lm, messages, prompt_ids, hp, request)
         params = self._params(req, lm, len(prompt_ids), stops)
         return await self._respond(req, lm, prompt_ids, params, request, chat=True)
 
@@ -225,11 +272,21 @@ class Serving:
                 for i, (t, f) in enumerate(zip(texts, finish))])
         return JSONResponse(body.model_dump())
 
-    async def _events(self, job: Job, lm: LoadedModel, arrived: float, n_prompt: int) -> AsyncIterator[tuple]:
-        """Worker events with metrics applied; raises APIError on a worker failure."""
+    async def _events(self, job: Job, lm: LoadedModel, arrived: float, n_prompt: int,
+                      ping_s: float | None = None) -> AsyncIterator[tuple]:
+        """Worker events with metrics applied; raises APIError on a worker failure. With
+        ping_s, yields ("ping", None) whenever no event came for that long (queueing, or
+        hidden hybrid work) so streams can send a keep-alive comment."""
         m, last = self.metrics, None
         while True:
-            event = await job.events.get()
+            if ping_s:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), ping_s)
+                except asyncio.TimeoutError:
+                    yield "ping", None
+                    continue
+            else:
+                event = await job.events.get()
             kind = event[0]
             if kind == "end":
                 m.e2e.labels(lm.name).observe(time.perf_counter() - arrived)
@@ -246,8 +303,64 @@ class Serving:
                     m.itl.labels(lm.name).observe(t - last)
                 last = t
                 yield kind, event[1]
-            elif kind == "usage":
+            elif kind == "hybrid":
+                m.observe_hybrid(lm.name, event[1])
                 yield kind, event[1]
+            elif kind in ("usage", "reasoning"):
+                yield kind, event[1]
+
+    # ---- the hybrid loop ----------------------------------------------------------------
+
+    async def _respond_hybrid(self, req: P.ChatCompletionRequest, lm: LoadedModel, messages: list[dict],
+                              prompt_ids: list[int], hp: HybridParams, request: Request):
+        if messages[-1]["role"] != "user":
+            raise APIError(400, "the hybrid loop needs the last message to be the user's", param="messages")
+        n_prompt, n_ctx = len(prompt_ids), lm.max_model_len
+        answer_tokens = req.requested_max_tokens() or self.cfg.hybrid_answer_tokens
+        capacity = context_budget(n_prompt, hp, answer_tokens)
+        if capacity > n_ctx:
+            raise APIError(400, f"the hybrid loop needs up to {capacity} tokens of context (prompt {n_prompt}, "
+                                f"chain-of-thought {hp.cot_groups * hp.cot_group_tokens}, answer {answer_tokens}) "
+                                f"but n_ctx={n_ctx}; lower max_tokens or hybrid.cot_groups",
+                           param="max_tokens", code="context_length_exceeded")
+        kv_mb = (capacity * lm.model.kv_bytes_per_token()
+                 + self.memory.cfg.max_len * self.memory.model.kv_bytes_per_token()) / 2**20
+        if kv_mb > self.cfg.max_kv_cache_mb:
+            raise APIError(400, f"the hybrid loop needs {kv_mb:.0f} MiB of KV cache, over this server's "
+                                f"{self.cfg.max_kv_cache_mb} MiB per-request limit", param="max_tokens",
+                           code="kv_cache_limit")
+        params = req.to_sampling_params(answer_tokens)
+        counter = self.metrics.generation_tokens.labels(lm.name)
+        work = hybrid_work(lm, self.memory, messages, hp, params, capacity, params.stop, counter.inc)
+        arrived = time.perf_counter()
+        job = self._submit(lm, prompt_ids, params, work)
+        rid, created = P.new_id("chatcmpl"), P.now()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            sse = self._sse(job, lm, rid, created, n_prompt, 1, True, include_usage, arrived, 0)
+            return StreamingResponse(sse, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(self._watch_disconnect(request, job))
+        reasoning, content, finish, stats, n_answer = "", "", None, None, 0
+        try:
+            async for kind, payload in self._events(job, lm, arrived, n_prompt):
+                if kind == "reasoning":
+                    reasoning += payload
+                elif kind == "step":
+                    for _, text, fin, _ in payload:
+                        content += text
+                        finish = fin or finish
+                elif kind == "hybrid":
+                    stats = payload
+                elif kind == "usage":
+                    n_answer = payload
+        finally:
+            watcher.cancel()
+        msg = P.ResponseMessage(content=content, reasoning_content=reasoning or None, reasoning=reasoning or None)
+        body = P.ChatCompletionResponse(id=rid, created=created, model=lm.name,
+                                        usage=hybrid_usage(n_prompt, n_answer, stats),
+                                        choices=[P.ChatChoice(index=0, message=msg, finish_reason=finish or "length")])
+        return JSONResponse(body.model_dump(exclude_none=False))
 
     async def _watch_disconnect(self, request: Request, job: Job) -> None:
         while not job.cancel.is_set():
@@ -278,8 +391,16 @@ class Serving:
             if chat:  # OpenAI: the first chunk of each choice carries the role
                 yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
                              for i in range(n)])
-            async for kind, payload in self._events(job, lm, arrived, n_prompt):
-                if kind == "step":
+            stats = None
+            async for kind, payload in self._events(job, lm, arrived, n_prompt, self.cfg.ping_interval_s):
+                if kind == "ping":
+                    yield ": ping\n\n"  # SSE comment: keeps proxies and clients from timing out
+                elif kind == "reasoning":
+                    yield chunk([P.ChatChunkChoice(index=0, delta=P.DeltaMessage(reasoning_content=payload,
+                                                                                 reasoning=payload))])
+                elif kind == "hybrid":
+                    stats = payload
+                elif kind == "step":
                     choices = []
                     for i, text, fin, entry in payload:
                         if not text and not fin and entry is None:
@@ -294,8 +415,7 @@ class Serving:
                     if choices:
                         yield chunk(choices)
                 elif kind == "usage" and include_usage:
-                    yield chunk([], P.Usage(prompt_tokens=n_prompt, completion_tokens=payload,
-                                            total_tokens=n_prompt + payload))
+                    yield chunk([], hybrid_usage(n_prompt, payload, stats))
             completed = True
         except APIError as e:
             completed = True

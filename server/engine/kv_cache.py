@@ -24,6 +24,13 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def rewind(self, pos: int) -> None:
+        """Keep only the first `pos` positions: later writes overwrite the rest. Lets a caller
+        reuse a cached prefix for a new prompt that shares it."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot rewind to {pos}: the cache holds {self.pos} positions")
+        self.pos = pos
+
     def advance(self, n: int) -> None:
         if self.pos + n > self.max_len:
             raise ValueError(f"KV cache overflow: {self.pos} + {n} > {self.max_len}")
