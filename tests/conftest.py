@@ -4,12 +4,8 @@ artifacts built by the real `compress` code, and a real uvicorn server on loopba
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -117,41 +113,7 @@ def gemma_artifact(gemma_dir, tmp_path_factory) -> Path:
     return build_artifact(gemma_dir, tmp_path_factory.mktemp("art") / "tiny-base")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn in a thread on a loopback port; stops on close()."""
-
-    def __init__(self, cfg):
-        import uvicorn
-
-        from server.app import create_app
-
-        cfg.port = free_port()
-        self.app = create_app(cfg)
-        self.url = f"http://127.0.0.1:{cfg.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=cfg.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-
-    def wait(self, status: int = 200, timeout: float = 60.0) -> "LiveServer":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == status:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server did not reach /health {status}")
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+from server.background import BackgroundServer as LiveServer  # noqa: E402  (re-exported for tests)
 
 
 @pytest.fixture(scope="session")
