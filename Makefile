@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean
+.PHONY: setup serve test test-fast clean memory-model
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,25 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Reproduces memory_model/checkpoints/default from scratch (about 1 hour on 2 CPU cores):
+# chain-of-thought data from the large model, tokenizer, pretraining, supervised warm start,
+# REINFORCE, evaluation. The exact commands the shipped checkpoint was made with.
+MM ?= checkpoints
+LARGE ?= artifacts/smollm2-135m-instruct-int8
+memory-model: setup
+	test -f $(LARGE)/manifest.json || $(BIN)/python -m compress build --source smollm2-135m-instruct --recipe int8 --out $(LARGE)
+	$(BIN)/python -m memory_model make-data --large $(LARGE) --out data/mm --n-train 768 --n-heldout 128
+	$(BIN)/python -m memory_model tokenizer --data stdlib,pydoc,problems:5000 --vocab 8192 --out data/mm/tokenizer.model
+	$(BIN)/python -m memory_model pretrain --preset mm-8m --tokenizer data/mm/tokenizer.model \
+		--data stdlib,pydoc,problems:15000,cot:data/mm/train.jsonl --out $(MM)/mm-8m-pre \
+		--steps 1800 --batch-size 16 --seq-len 256 --lr 1e-3 --warmup 50 --force
+	$(BIN)/python -m memory_model sft --init $(MM)/mm-8m-pre --data data/mm/train.jsonl --synthetic 4000 \
+		--out $(MM)/mm-8m-sft --steps 400 --batch-size 16 --lr 3e-4 --warmup 30 --eval-every 100 --force
+	$(BIN)/python -m memory_model reinforce --init $(MM)/mm-8m-sft --large $(LARGE) --data data/mm/train.jsonl \
+		--out $(MM)/mm-8m-rl --force
+	$(BIN)/python -m memory_model eval --large $(LARGE) --data data/mm/heldout.jsonl \
+		--policy rl=$(MM)/mm-8m-rl --policy sft=$(MM)/mm-8m-sft --json $(MM)/eval.json
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

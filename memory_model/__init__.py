@@ -1,3 +1,8 @@
-"""The memory model of the hybrid loop (issue 4): a small KV-cached transformer with its own
-tokenizer that condenses chain-of-thought. Not implemented yet; the package exists so the
-artifact/server layout is final and the Docker image copies a stable tree."""
+"""The memory model of the hybrid loop: a small KV-cached transformer with its own
+sentencepiece tokenizer that reads (prompt, chain-of-thought) and writes a condensed,
+refined prompt. Pretrained on packaged text, warm-started on extractive condensations,
+then post-trained with REINFORCE against the large model's answer likelihood.
+
+Entry point: `python -m memory_model --help`. The shipped checkpoint lives in
+`memory_model/checkpoints/default` and is what the server loads for the hybrid loop.
+"""

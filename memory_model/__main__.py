@@ -130,9 +130,9 @@ def cmd_sft(a) -> None:
     model, cfg, tok, meta = load_checkpoint(src, dev)
     rows = read_jsonl(Path(a.data))
     if a.synthetic:
-        synth = make_splits({"train": 0, "heldout": 0, "pretrain": a.synthetic})["pretrain"]
-        rows = rows + [{"question": p.question, "cot": template_cot(p)} for p in synth]
-    ex = condense_examples(rows, tok, a.max_prompt, a.max_cot, a.max_new)
+        synth = make_splits({"pretrain": a.synthetic})["pretrain"]
+        rows = rows + [{"question": p.question, "cot": template_cot(p), "steps": p.steps} for p in synth]
+    ex = condense_examples(rows, tok, a.max_prompt, a.max_cot, a.max_new, a.target)
     n_val = max(len(ex) // 50, 1)
     perm = torch.randperm(len(ex), generator=torch.Generator().manual_seed(0)).tolist()
     ex = [ex[i] for i in perm]
@@ -145,7 +145,7 @@ def cmd_sft(a) -> None:
 
     if not a.resume:
         meta = {**{k: v for k, v in meta.items() if k in ("preset", "data")}, "stage": "sft", "init": str(src),
-                "sft_data": a.data, "synthetic": a.synthetic}
+                "sft_data": a.data, "synthetic": a.synthetic, "target": a.target}
     print(f"sft: {len(train_ex)} training pairs, {len(val_ex)} validation pairs")
     train(model, cfg, tok, tc, next_batch, val[:tc.eval_batches], out, meta, resume=a.resume,
           progress=not a.quiet)
@@ -170,12 +170,9 @@ def cmd_reinforce(a) -> None:
                          kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, length_penalty=a.length_penalty,
                          correct_bonus=a.correct_bonus, eval_every=a.eval_every, eval_size=a.eval_size,
                          save_every=a.save_every, seed=a.seed)
-    meta = dict(mm.meta)
-    meta.pop("format", None)
-    meta.pop("model", None)
-    if not a.resume:
-        meta = {"preset": meta.get("preset"), "stage": "reinforce", "init": str(a.init), "large": lm.name,
-                "data": a.data}
+    # a resumed run keeps its own record; a new one records where it started
+    meta = mm.meta if a.resume else {"preset": mm.meta.get("preset"), "stage": "reinforce", "init": str(a.init),
+                                     "large": lm.name, "data": a.data}
     log = reinforce(mm, lm, read_jsonl(Path(a.data)), rc, out, meta, resume=a.resume, progress=not a.quiet)
     first = next(r for r in log if "eval_accuracy" in r)
     last = [r for r in log if "eval_accuracy" in r][-1]
@@ -191,7 +188,14 @@ def cmd_eval(a) -> None:
 
     _threads(a.threads)
     lm = load_model(a.large)
-    rows = read_jsonl(Path(a.data))[:a.limit or None]
+    from .problems import pretrain_draws
+
+    rows = read_jsonl(Path(a.data))
+    seen = pretrain_draws(a.exclude_pretrain_draws)
+    clean = [r for r in rows if r["question"] not in seen]
+    if len(clean) < len(rows):
+        print(f"excluded {len(rows) - len(clean)} held-out problems that pretraining text may contain")
+    rows = clean[:a.limit or None]
     policies = {}
     for spec in a.policy:
         name, sep, path = spec.partition("=")
@@ -266,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--init", help="checkpoint to start from")
     sf.add_argument("--data", required=True, help="make-data jsonl (train split)")
     sf.add_argument("--synthetic", type=int, default=4000, help="extra pairs from templated solutions")
+    sf.add_argument("--target", choices=["extractive", "refined"], default="refined",
+                    help="extractive: question + the CoT's last equations (its mistakes included); "
+                         "refined: question + the correct intermediate results")
     condense_args(sf)
     train_args(sf, 600, 16, 3e-4, 30)
     sf.set_defaults(fn=cmd_sft)
@@ -302,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="data/mm/heldout.jsonl")
     e.add_argument("--policy", action="append", default=[], help="NAME=CHECKPOINT (repeatable)")
     e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--exclude-pretrain-draws", type=int, default=20000,
+                   help="drop problems among the pretraining generator's first N draws")
     e.add_argument("--json", help="also write the results here")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--quiet", action="store_true")

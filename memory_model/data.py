@@ -11,7 +11,9 @@ Sources (`--data`, comma-separated):
   cot:PATH  questions + chain-of-thought written by the large model (`make-data` jsonl)
 
 `condense_examples` builds the supervised warm-start pairs (prompt, chain-of-thought ->
-condensed prompt) whose target is a fixed extractive rule, `reference_condensation`.
+condensed prompt). Two targets: `extractive` (`reference_condensation`: the question plus
+the chain-of-thought's last equations, mistakes included) and `refined`
+(`refined_condensation`: the question plus the correct intermediate results).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def pydoc_topics() -> list[str]:
 
 
 def problem_texts(n: int = 20000) -> list[str]:
-    probs = P.make_splits({"train": 0, "heldout": 0, "pretrain": n})["pretrain"]
+    probs = P.make_splits({"pretrain": n})["pretrain"]
     return [f"{p.question}\n{P.template_cot(p)}" for p in probs]
 
 
@@ -112,12 +114,29 @@ def reference_condensation(question: str, cot: str, max_equations: int = 2) -> s
     return question if not eqs else f"{question} Known: {'; '.join(eqs)}."
 
 
-def condense_examples(rows: list[dict], tok: Tokenizer, max_prompt: int, max_cot: int, max_out: int
-                      ) -> list[tuple[list[int], int]]:
+def refined_condensation(question: str, steps) -> str:
+    """The 'refined' warm-start target: the question and its correct intermediate results,
+    from the generator's ground-truth steps (the chain-of-thought is still the input, but
+    the target does not copy its mistakes). Only possible where answers are known, as in
+    the seed's post-training data."""
+    eqs = "; ".join(f"{x} {op} {y} = {r}" for op, x, y, r in steps)
+    return f"{question} Known: {eqs}."
+
+
+TARGETS = ("extractive", "refined")
+
+
+def condense_examples(rows: list[dict], tok: Tokenizer, max_prompt: int, max_cot: int, max_out: int,
+                      target_kind: str = "extractive") -> list[tuple[list[int], int]]:
     """(token ids, index where the target starts) per example."""
+    if target_kind not in TARGETS:
+        raise ValueError(f"unknown target {target_kind!r}; choose one of {TARGETS}")
     out = []
     for r in rows:
-        target = reference_condensation(r["question"], r["cot"])
+        if target_kind == "refined":
+            target = refined_condensation(r["question"], r["steps"])
+        else:
+            target = reference_condensation(r["question"], r["cot"])
         x = tok.condense_input(r["question"], r["cot"], max_prompt, max_cot)
         y = tok.encode(target)[:max_out] + [tok.eos_id]
         out.append((x + y, len(x)))

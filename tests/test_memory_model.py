@@ -31,6 +31,16 @@ def test_problems_are_deterministic_disjoint_and_correct():
         assert P.is_correct(P.template_cot(p), p.answer) is (P.extract_answer(P.template_cot(p)) == p.answer)
 
 
+def test_pretraining_problems_never_include_train_or_heldout():
+    reserved = P.make_splits(dict(P.RESERVED))
+    pre = P.make_splits({"pretrain": 3000})["pretrain"]
+    held = {p.question for p in reserved["heldout"]} | {p.question for p in reserved["train"]}
+    assert not held & {p.question for p in pre}
+    assert {p.question for p in pre} <= P.pretrain_draws(6000)
+    with pytest.raises(ValueError, match="limited"):
+        P.make_splits({"heldout": P.RESERVED["heldout"] + 1})
+
+
 def test_answer_extraction_and_equations():
     assert P.extract_answer(" 1,234 apples") == 1234
     assert P.extract_answer(" $12.") == 12
@@ -247,7 +257,7 @@ def test_evaluate_reports_every_condition(mm_checkpoint, llama_artifact, tmp_pat
     data = _cot_jsonl(tmp_path / "heldout.jsonl", n=3)
     out = tmp_path / "eval.json"
     assert main(["eval", "--large", str(llama_artifact), "--data", str(data), "--policy", f"rl={mm_checkpoint}",
-                 "--max-new", "6", "--json", str(out), "--quiet"]) == 0
+                 "--max-new", "6", "--json", str(out), "--exclude-pretrain-draws", "0", "--quiet"]) == 0
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"question", "full-cot", "rl", "rule", "truncate-head", "truncate-tail"}
     for r in res.values():
