@@ -47,11 +47,14 @@ memory-model: setup
 		--data stdlib,pydoc,problems:15000,cot:data/mm/train.jsonl --out $(MM)/mm-8m-pre \
 		--steps 1800 --batch-size 16 --seq-len 256 --lr 1e-3 --warmup 50 --force
 	$(BIN)/python -m memory_model sft --init $(MM)/mm-8m-pre --data data/mm/train.jsonl --synthetic 4000 \
-		--out $(MM)/mm-8m-sft --steps 400 --batch-size 16 --lr 3e-4 --warmup 30 --eval-every 100 --force
-	$(BIN)/python -m memory_model reinforce --init $(MM)/mm-8m-sft --large $(LARGE) --data data/mm/train.jsonl \
-		--out $(MM)/mm-8m-rl --force
+		--target refined --out $(MM)/mm-8m-sft-refined --steps 400 --batch-size 16 --lr 3e-4 --warmup 30 \
+		--eval-every 100 --force
+	$(BIN)/python -m memory_model reinforce --init $(MM)/mm-8m-sft-refined --large $(LARGE) \
+		--data data/mm/train.jsonl --out $(MM)/mm-8m-rl --steps 80 --prompts 8 --samples 4 --lr 1e-5 \
+		--length-penalty 0.1 --kl-coef 0.05 --entropy-coef 0.01 --force
+	$(BIN)/python -m memory_model export $(MM)/mm-8m-rl --out memory_model/checkpoints/default
 	$(BIN)/python -m memory_model eval --large $(LARGE) --data data/mm/heldout.jsonl \
-		--policy rl=$(MM)/mm-8m-rl --policy sft=$(MM)/mm-8m-sft --json $(MM)/eval.json
+		--policy rl=$(MM)/mm-8m-rl --policy sft-refined=$(MM)/mm-8m-sft-refined --json results/memory_model_eval.json
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     d, h = summary["direct"], summary["hybrid"]
     print("| mode | accuracy | TTFT answer (median s) | latency (median s) | answer tokens | peak context |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, s in (("direct", d), (f"hybrid ({a.loops} loops)", h)):
+    for name, s in (("direct", d), (f"hybrid ({a.loops} loop{'s' if a.loops != 1 else ''})", h)):
         print(f"| {name} | {s['accuracy']:.1%} | {s['ttft_answer_s']:.2f} | {s['latency_s']:.2f} | "
               f"{s['answer_tokens']:.1f} | {s['peak_context']:.0f} (max {s['max_peak_context']}) |")
     print(f"hybrid/direct latency ratio (median): {h['latency_s'] / d['latency_s']:.2f}x; "

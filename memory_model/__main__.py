@@ -1,6 +1,6 @@
 """The memory model's command line: data, tokenizer, pretrain, sft, reinforce, eval.
 
-Run (the shipped checkpoint was made by exactly these; see README "Memory model"):
+Run (defaults are the shipped checkpoint's settings; `make memory-model` has its exact commands):
     python -m memory_model make-data --large artifacts/smollm2-135m-instruct-int8 --out data/mm
     python -m memory_model tokenizer --out data/mm/tokenizer.model --vocab 8192
     python -m memory_model pretrain --preset mm-8m --tokenizer data/mm/tokenizer.model \
@@ -10,6 +10,7 @@ Run (the shipped checkpoint was made by exactly these; see README "Memory model"
         --data data/mm/train.jsonl --out checkpoints/mm-8m-rl
     python -m memory_model eval --large artifacts/smollm2-135m-instruct-int8 --data data/mm/heldout.jsonl \
         --policy rl=checkpoints/mm-8m-rl --policy sft=checkpoints/mm-8m-sft
+    python -m memory_model export checkpoints/mm-8m-rl --out memory_model/checkpoints/default
     python -m memory_model condense checkpoints/mm-8m-rl "question text" "chain of thought text"
 Any command resumes from its --out directory's last checkpoint when given --resume.
 """
@@ -65,7 +66,8 @@ def _train_config(a):
     from .train import TrainConfig
 
     return TrainConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, seq_len=a.seq_len,
-                       lr=a.lr, warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, log_every=a.log_every,
+                       lr=a.lr, warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every,
+                       log_every=a.log_every,
                        precision=a.precision,
                        seed=a.seed)
 
@@ -208,6 +210,13 @@ def cmd_eval(a) -> None:
         Path(a.json).write_text(json.dumps({"large": lm.name, "n": len(rows), "results": res}, indent=2))
 
 
+def cmd_export(a) -> None:
+    from .checkpoint import export_checkpoint
+
+    stages = export_checkpoint(Path(a.checkpoint), Path(a.out))
+    print(f"wrote {a.out} (logs of: {', '.join(stages)})")
+
+
 def cmd_condense(a) -> None:
     from .condense import MemoryModel
 
@@ -282,19 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--large", required=True, help="large-model artifact")
     r.add_argument("--data", required=True, help="make-data jsonl (train split)")
     r.add_argument("--out", required=True)
-    r.add_argument("--steps", type=int, default=120)
-    r.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    r.add_argument("--steps", type=int, default=80)
+    r.add_argument("--prompts", type=int, default=8, help="prompts per step")
     r.add_argument("--samples", type=int, default=4, help="samples per prompt (K)")
     r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--lr", type=float, default=2e-5)
+    r.add_argument("--lr", type=float, default=1e-5)
     r.add_argument("--baseline", choices=["loo", "mean"], default="loo")
-    r.add_argument("--kl-coef", type=float, default=0.02)
-    r.add_argument("--entropy-coef", type=float, default=0.0)
-    r.add_argument("--length-penalty", type=float, default=0.3, help="reward per 100 large-model tokens")
+    r.add_argument("--kl-coef", type=float, default=0.05)
+    r.add_argument("--entropy-coef", type=float, default=0.01)
+    r.add_argument("--length-penalty", type=float, default=0.1, help="reward per 100 large-model tokens")
     r.add_argument("--correct-bonus", type=float, default=1.0)
     r.add_argument("--eval-every", type=int, default=20)
     r.add_argument("--eval-size", type=int, default=32)
-    r.add_argument("--save-every", type=int, default=40)
+    r.add_argument("--save-every", type=int, default=20)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")
     r.add_argument("--threads", type=int, default=0)
@@ -316,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     condense_args(e)
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="copy a checkpoint for shipping (weights, config, tokenizer, lineage logs)")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", default="memory_model/checkpoints/default")
+    x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("condense", help="condense one (prompt, chain-of-thought) pair")
     c.add_argument("checkpoint")

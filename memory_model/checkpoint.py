@@ -81,6 +81,35 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), cfg, tok, meta
 
 
+def export_checkpoint(src: Path, dst: Path) -> list[str]:
+    """Copy a checkpoint for shipping: weights, config, tokenizer, and the training logs of
+    it and of every checkpoint it was initialised from (following config "init"), named
+    log-<stage>.jsonl; no optimizer state. Written atomically. Returns the stages found."""
+    src, dst = Path(src), Path(dst)
+    read_config(src)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in ("model.safetensors", "config.json", "tokenizer.model"):
+        shutil.copyfile(src / f, tmp / f)
+    stages, cur = [], src
+    while cur is not None and (cur / "config.json").is_file():
+        meta = read_config(cur)
+        stage = meta.get("stage", "unknown")
+        if (cur / "log.jsonl").is_file():
+            shutil.copyfile(cur / "log.jsonl", tmp / f"log-{stage}.jsonl")
+        stages.append(stage)
+        cur = Path(meta["init"]) if meta.get("init") else None
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # readable by a service user (the Docker image runs as non-root)
+    old = dst.with_name(f".{dst.name}.old-{int(time.time())}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return stages
+
+
 def load_train_state(path: Path) -> dict | None:
     f = Path(path) / "train_state.pt"
     return torch.load(f, weights_only=True) if f.is_file() else None

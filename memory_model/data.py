@@ -97,7 +97,8 @@ def split_stream(stream: torch.Tensor, val_fraction: float = 0.02) -> tuple[torc
     return stream[:-n_val], stream[-n_val:]
 
 
-def random_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) windows of seq_len tokens at random offsets; y is x shifted by one."""
     if len(stream) <= seq_len + 1:
         raise ValueError(f"only {len(stream)} tokens of text: need more than seq_len + 1 = {seq_len + 1}")

@@ -161,7 +161,9 @@ def template_cot(p: Problem) -> str:
     return " ".join(parts) + f" The answer is {p.answer}."
 
 
-_EQUATION = re.compile(r"(-?\d[\d,]*(?:\.\d+)?\s*[-+*/x×÷]\s*-?\d[\d,]*(?:\.\d+)?(?:\s*[-+*/x×÷]\s*-?\d[\d,]*)*\s*=\s*-?\d[\d,]*(?:\.\d+)?)")
+_NUM_RE = r"-?\d[\d,]*(?:\.\d+)?"
+_OP_RE = r"\s*[-+*/x×÷]\s*"
+_EQUATION = re.compile(rf"({_NUM_RE}{_OP_RE}{_NUM_RE}(?:{_OP_RE}{_NUM_RE})*\s*=\s*{_NUM_RE})")
 
 
 def equations(text: str) -> list[str]:

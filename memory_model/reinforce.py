@@ -36,24 +36,24 @@ from .model import sequence_logprobs
 
 @dataclass
 class ReinforceConfig:
-    steps: int = 120  # policy updates
-    prompts_per_step: int = 4
+    steps: int = 80  # policy updates
+    prompts_per_step: int = 8
     samples_per_prompt: int = 4  # K
     max_new: int = 100  # condensed-prompt budget (memory-model tokens)
     temperature: float = 1.0
     top_k: int = 0
-    lr: float = 2e-5
+    lr: float = 1e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     baseline: str = "loo"  # "loo" (leave-one-out) or "mean"
     normalize_advantages: bool = True
-    kl_coef: float = 0.02
-    entropy_coef: float = 0.0
-    length_penalty: float = 0.3  # reward lost per 100 large-model tokens of condensed prompt
+    kl_coef: float = 0.05
+    entropy_coef: float = 0.01
+    length_penalty: float = 0.1  # reward lost per 100 large-model tokens of condensed prompt
     correct_bonus: float = 1.0
     eval_every: int = 20
     eval_size: int = 32
-    save_every: int = 40
+    save_every: int = 20
     seed: int = 0
 
     def __post_init__(self):

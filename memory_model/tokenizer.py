@@ -21,7 +21,8 @@ PROMPT, COT, CONDENSED = "<|prompt|>", "<|cot|>", "<|condensed|>"
 CONTROL = [PROMPT, COT, CONDENSED]
 
 
-def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 8192, seed_sentence_limit: int = 2_000_000) -> Path:
+def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 8192,
+                    seed_sentence_limit: int = 2_000_000) -> Path:
     """Train on `texts` (documents; long ones are split into lines) and write `out` atomically."""
     def sentences():
         for doc in texts:

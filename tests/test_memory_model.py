@@ -201,6 +201,15 @@ def test_sft_and_reinforce_steps(mm_checkpoint, llama_artifact, tmp_path):
     for key in ("reward", "answer_logp", "accuracy", "large_tokens", "kl", "entropy"):
         assert key in step
     assert 0 < step["policy_tokens"] <= 8
+    # export for shipping: no optimizer state, the logs of every stage in the lineage
+    from memory_model.checkpoint import export_checkpoint
+
+    ship = tmp_path / "ship"
+    assert export_checkpoint(rl, ship) == ["reinforce", "sft", "random"]
+    assert sorted(f.name for f in ship.iterdir()) == ["config.json", "log-reinforce.jsonl", "log-sft.jsonl",
+                                                      "model.safetensors", "tokenizer.model"]
+    torch.testing.assert_close(load_checkpoint(ship)[0].tok_embeddings.weight,
+                               load_checkpoint(rl)[0].tok_embeddings.weight)
     before, _, _, _ = load_checkpoint(sft)
     after, _, _, _ = load_checkpoint(rl)
     assert not torch.equal(before.tok_embeddings.weight, after.tok_embeddings.weight)  # the policy moved

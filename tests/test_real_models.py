@@ -45,8 +45,11 @@ def real_server(real_artifacts):
     from server.config import ServerConfig
     from tests.conftest import LiveServer
 
+    from server.__main__ import DEFAULT_MEMORY_MODEL
+
     srv = LiveServer(ServerConfig(artifacts=[f"smollm2={real_artifacts['smollm2-135m-instruct']}",
-                                             f"gemma={real_artifacts['gemma3-270m']}"])).wait(timeout=300)
+                                             f"gemma={real_artifacts['gemma3-270m']}"],
+                                  memory_model=str(DEFAULT_MEMORY_MODEL))).wait(timeout=300)
     yield srv
     srv.close()
 
@@ -68,3 +71,21 @@ def test_gemma_completes_text(real_server):
     r = client.completions.create(model="gemma", prompt="The Eiffel Tower is located in the city of",
                                   temperature=0, max_tokens=8)
     assert "Paris" in r.choices[0].text
+
+
+def test_shipped_memory_model_condenses_in_the_hybrid_loop(real_server):
+    """The shipped memory model with SmolLM2: the condensed prompt carries the correct
+    intermediate result that SmolLM2's own chain-of-thought lacks (held-out problem 1:
+    12 + 21 = 33, measured in the README's benchmark)."""
+    import httpx
+
+    from memory_model.problems import make_splits
+
+    prob = make_splits({"train": 768, "heldout": 1})["heldout"][0]
+    r = httpx.post(real_server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "smollm2", "temperature": 0, "max_tokens": 64, "hybrid": {"loops": 1},
+        "messages": [{"role": "user", "content": prob.question}]}).json()
+    reasoning = r["choices"][0]["message"]["reasoning_content"]
+    condensed = reasoning.split("condensed prompt:")[1]
+    assert f"= {prob.answer}" in condensed, reasoning
+    assert r["usage"]["hybrid"]["loops"] == 1 and r["usage"]["hybrid"]["condensed_tokens"] > 0
