@@ -3,6 +3,8 @@
 Run:
     python -m clients.chat                                  # http://127.0.0.1:8000, first listed model
     python -m clients.chat --url http://host:8000 --model NAME --api-key KEY --system "Be brief."
+    python -m clients.chat --reasoning-effort medium       # this server's hybrid loop (2 loops)
+    python -m clients.chat --hybrid-loops 4                # same, with an explicit loop count
 Commands inside the chat: /reset clears the history, /quit (or Ctrl-D) exits.
 """
 
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--reasoning-effort", choices=["none", "minimal", "low", "medium", "high"],
+                   help="sent as reasoning_effort (standard OpenAI field)")
+    p.add_argument("--hybrid-loops", type=int, help="this server's hybrid-loop extension: loops per answer")
     a = p.parse_args(argv)
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             history.append({"role": "user", "content": user})
             body = {"model": model, "messages": system + history, "max_tokens": a.max_tokens,
                     "temperature": a.temperature}
+            if a.reasoning_effort:
+                body["reasoning_effort"] = a.reasoning_effort
+            if a.hybrid_loops is not None:
+                body["hybrid"] = {"loops": a.hybrid_loops}
             reply, in_reasoning = [], False
             try:
                 for kind, text in stream_chat(client, body):

@@ -175,3 +175,41 @@ def test_cancel_mid_loop_stops_before_the_answer(llama_artifact, mm_checkpoint):
     kinds = [ev[0] for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=5, temperature=0), 1024, [])(
         threading.Event())]
     assert kinds[-2:] == ["hybrid", "usage"] and "step" in kinds
+
+
+def test_chat_client_shows_hybrid_reasoning(hybrid_srv):
+    from clients.chat import stream_chat
+
+    body = {"model": "tiny-chat", "messages": Q, "max_tokens": 3, "temperature": 0, "hybrid": SMALL}
+    with httpx.Client(base_url=hybrid_srv.url, timeout=60) as c:
+        kinds = [k for k, _ in stream_chat(c, body)]
+    assert kinds[0] == "reasoning" and "content" in kinds
+    assert "reasoning" not in kinds[kinds.index("content"):]
+
+
+def _metric(srv, name):
+    lines = [line for line in httpx.get(srv.url + "/metrics").text.splitlines() if line.startswith(name)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_disconnect_mid_loop_frees_the_worker(hybrid_srv):
+    import time
+
+    before = _metric(hybrid_srv, "hybrid_requests_cancelled_total")
+    done_before = _metric(hybrid_srv, "hybrid_loop_requests_total")
+    body = {"model": "tiny-chat", "messages": Q, "max_tokens": 50, "stream": True,
+            "hybrid": {"loops": 16, "cot_groups": 8, "cot_group_tokens": 64, "condense_tokens": 64}}
+    with httpx.stream("POST", hybrid_srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if "reasoning_content" in line:
+                break  # first reasoning delta, then hang up
+    deadline = time.time() + 20
+    while _metric(hybrid_srv, "hybrid_requests_cancelled_total") <= before and time.time() < deadline:
+        time.sleep(0.02)
+    assert _metric(hybrid_srv, "hybrid_requests_cancelled_total") == before + 1
+    while _metric(hybrid_srv, "hybrid_requests_running") > 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert _metric(hybrid_srv, "hybrid_requests_running") == 0
+    # the loop never reached its answer (no hybrid stats recorded) and the server serves again
+    assert _metric(hybrid_srv, "hybrid_loop_requests_total") == done_before
+    assert _chat(hybrid_srv, hybrid=SMALL, max_tokens=2).status_code == 200
