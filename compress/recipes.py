@@ -102,6 +102,7 @@ class Int8StaticStep(Int8Step):
 
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
+    from .depth import DepthPruneStep
     from .prune import ConsensusPruneStep, SVDStep
     from .qat import QATStep
     from .smooth import SmoothStep
@@ -116,12 +117,14 @@ def _registry() -> dict:
         "prune": ConsensusPruneStep,
         "svd": SVDStep,
         "channels": ChannelPruneStep,
+        "depth": DepthPruneStep,
         "smooth": SmoothStep,
         "qat": QATStep,
     }
 
 
-STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "smooth", "qat"]
+STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "depth", "smooth",
+              "qat"]
 
 
 def _split_top(text: str) -> list[str]:

@@ -47,12 +47,12 @@ def make_tokenizer(chat_template: str | None = CHATML, add_bos: bool = False):
     return fast
 
 
-def save_tiny_llama(path: Path, seed: int = 0, tie: bool = True) -> Path:
+def save_tiny_llama(path: Path, seed: int = 0, tie: bool = True, n_layers: int = 2) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
@@ -66,15 +66,17 @@ def save_tiny_llama(path: Path, seed: int = 0, tie: bool = True) -> Path:
     return path
 
 
-def save_tiny_gemma3(path: Path, seed: int = 0, sliding_window: int = 4) -> Path:
+def save_tiny_gemma3(path: Path, seed: int = 0, sliding_window: int = 4, layer_types: list[str] | None = None
+                     ) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tok = make_tokenizer(chat_template=None, add_bos=True)
     torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    layer_types = layer_types or ["sliding_attention", "sliding_attention", "full_attention"]
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=len(layer_types),
                            num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                           sliding_window=sliding_window, layer_types=["sliding_attention", "sliding_attention",
-                                                                       "full_attention"],
+                           sliding_window=sliding_window, layer_types=layer_types,
                            query_pre_attn_scalar=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)
     model = Gemma3ForCausalLM(cfg)
