@@ -12,7 +12,7 @@ Run:
     python -m compress build --source smollm2-135m-instruct --recipe "depth(n=6,metric=ppl),int8"
 Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic,
 prune(...) (stochastic-consensus pruning), svd(...) (low-rank re-densification),
-depth(...) (block removal), channels(...), smooth(...), qat(...), int8-static.
+depth(...) (block removal), wanda(...) (N:M / unstructured), channels(...), smooth(...), qat(...), int8-static.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated steps, each optionally with parameters: none, fp16, bf16, int8, "
                         "int8-dynamic, prune(chunk_size=15,n_masks=500,mask_sparsity=0.5,top_k=20,modules=mlp,"
                         "layers=all), svd(rank=4,energy=0,modules=mlp), depth(n=4,metric=ppl|taylor|magnitude,"
-                        "protect_first=4,protect_last=2); lists inside a value use '+'")
+                        "protect_first=4,protect_last=2), wanda(pattern=2:4 | ratio=0.5,modules=all); "
+                        "lists inside a value use '+'")
     b.add_argument("--out", help="artifact directory (default artifacts/<source>-<recipe>)")
     b.add_argument("--force", action="store_true", help="replace an existing artifact")
     b.set_defaults(fn=cmd_build)

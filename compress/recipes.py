@@ -103,6 +103,7 @@ class Int8StaticStep(Int8Step):
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
     from .depth import DepthPruneStep
+    from .wanda import WandaStep
     from .prune import ConsensusPruneStep, SVDStep
     from .qat import QATStep
     from .smooth import SmoothStep
@@ -118,13 +119,14 @@ def _registry() -> dict:
         "svd": SVDStep,
         "channels": ChannelPruneStep,
         "depth": DepthPruneStep,
+        "wanda": WandaStep,
         "smooth": SmoothStep,
         "qat": QATStep,
     }
 
 
-STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "depth", "smooth",
-              "qat"]
+STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "depth", "wanda",
+              "smooth", "qat"]
 
 
 def _split_top(text: str) -> list[str]:
