@@ -63,6 +63,7 @@ class WandaStep(Step):
     pattern: str = ""  # N:M, e.g. 2:4; empty for unstructured
     ratio: float = 0.5  # unstructured: fraction of each row removed (ignored with a pattern)
     modules: str = "all"  # "all", "mlp" or "attn"
+    score: str = "wanda"  # "wanda" (|W| * ||X_j||) or "magnitude" (|W| alone: the baseline WANDA improves on)
     calib_samples: int = 16
     calib_seq_len: int = 256
     stats: dict = field(default_factory=dict, repr=False)
@@ -80,6 +81,8 @@ class WandaStep(Step):
             parse_pattern(self.pattern)
         elif not 0 < self.ratio < 1:
             raise RecipeError("wanda: ratio must be in (0, 1)")
+        if self.score not in ("wanda", "magnitude"):
+            raise RecipeError("wanda: score must be wanda or magnitude")
         if self.modules not in ("all", "mlp", "attn"):
             raise RecipeError("wanda: modules must be all, mlp or attn")
         if any(k.endswith("_scale") or "_lr_" in k for k in state):
@@ -114,7 +117,7 @@ class WandaStep(Step):
             for h in hooks:
                 h.remove()
             for path in paths:
-                norm = sq[path].sqrt().float()
+                norm = sq[path].sqrt().float() if self.score == "wanda" else torch.ones_like(sq[path]).float()
                 names = [f"model.layers.{layer}.{p}.weight" for p in FUSED_PROJECTIONS[path]]
                 for name in names:
                     w = state[name]

@@ -55,6 +55,16 @@ def test_wanda_artifact_sparsity_and_loading(llama_dir, tmp_path, recipe, expect
         torch.testing.assert_close(lm.model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_activation_scores_differ_from_magnitude(llama_dir, tmp_path):
+    wa = load_file(str(build_artifact(llama_dir, tmp_path / "w", "wanda(ratio=0.5,calib_samples=2,calib_seq_len=32)")
+                       / "model.safetensors"))
+    mg = load_file(str(build_artifact(llama_dir, tmp_path / "m", "wanda(ratio=0.5,score=magnitude,calib_samples=2,"
+                                                                "calib_seq_len=32)") / "model.safetensors"))
+    k = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(wa[k] == 0, mg[k] == 0)
+    assert (mg[k] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
 def test_wanda_on_gemma_and_then_int8(gemma_dir, tmp_path):
     art = build_artifact(gemma_dir, tmp_path / "g", "wanda(pattern=2:4,calib_samples=2,calib_seq_len=32),int8")
     assert load_model(art).manifest["dtype"] == "int8"
@@ -64,7 +74,8 @@ def test_wanda_on_gemma_and_then_int8(gemma_dir, tmp_path):
                                           ("wanda(pattern=4:2)", "0 < N < M"),
                                           ("wanda(pattern=two)", "N:M"),
                                           ("wanda(pattern=1:3)", "not a multiple of M=3"),
-                                          ("wanda(ratio=1.5)", "ratio must be")])
+                                          ("wanda(ratio=1.5)", "ratio must be"),
+                                          ("wanda(score=random)", "score must be")])
 def test_bad_wanda_recipes_are_refused(llama_dir, tmp_path, recipe, match):
     with pytest.raises(RecipeError, match=match):
         build_artifact(llama_dir, tmp_path / "bad", recipe)
