@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cot-groups", type=int, default=3)
     p.add_argument("--condense-tokens", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=64, help="answer budget (both modes)")
+    p.add_argument("--answer-prefix", default="", help="hybrid.answer_prefix (e.g. 'The answer is')")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="write per-problem results and the summary here")
     a = p.parse_args(argv)
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                                       max_model_len=2048)).wait(timeout=300)
         url = srv.url
     hybrid = {"loops": a.loops, "cot_groups": a.cot_groups, "condense_tokens": a.condense_tokens}
+    if a.answer_prefix:
+        hybrid["answer_prefix"] = a.answer_prefix
     try:
         ask(url, model, probs[0].question, hybrid, 4)  # warm-up (first-call allocations)
         direct, hyb = [], []

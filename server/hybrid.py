@@ -43,6 +43,7 @@ class HybridParams:
     condense_tokens: int = 100  # memory-model tokens per condensed prompt
     cot_temperature: float = 0.0  # chain-of-thought sampling (0 = greedy, what the memory model saw in training)
     return_reasoning: bool = True  # stream/return the CoT and condensed prompts as reasoning_content
+    answer_prefix: str = ""  # opens the answer turn (e.g. "The answer is"); part of the returned content
 
 
 @dataclass
@@ -184,6 +185,9 @@ def hybrid_work(lm: LoadedModel, mm: MemoryModel, messages: list[dict], hp: Hybr
         t0 = time.perf_counter()
         ids, extra_stops = lm.encode_chat(history + answer_messages(p))
         st.final_prompt_tokens = len(lm.tokenizer(p, add_special_tokens=False)["input_ids"])
+        if hp.answer_prefix:  # the model continues the prefix, as the memory model's reward assumed
+            ids = ids + lm.tokenizer(hp.answer_prefix, add_special_tokens=False)["input_ids"]
+            yield ("step", [(0, hp.answer_prefix, None, None)], time.perf_counter())
         detok = IncrementalDetokenizer(lm.tokenizer, ids)
         stops = StopMatcher(stop + [s for s in extra_stops if s not in stop])
         answer_pick = lambda lg: int(sample(lg, sp.temperature, sp.top_k, sp.top_p, gen)[0])  # noqa: E731

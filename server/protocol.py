@@ -119,6 +119,7 @@ class HybridOptions(BaseModel):
     condense_tokens: int | None = Field(default=None, ge=1, le=512)
     cot_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     return_reasoning: bool | None = None
+    answer_prefix: str | None = Field(default=None, max_length=200)
 
 
 # reasoning_effort -> hybrid loops (none/minimal: answer directly)

@@ -87,6 +87,14 @@ def test_stream_sends_reasoning_first_then_the_same_answer(hybrid_srv):
     assert usage["hybrid"]["loops"] == 2
 
 
+def test_answer_prefix_opens_the_answer(hybrid_srv):
+    plain = _chat(hybrid_srv, hybrid=SMALL, max_tokens=4, temperature=0).json()
+    r = _chat(hybrid_srv, hybrid={**SMALL, "answer_prefix": "The answer is"}, max_tokens=4, temperature=0).json()
+    content = r["choices"][0]["message"]["content"]
+    assert content.startswith("The answer is") and content != plain["choices"][0]["message"]["content"]
+    assert r["usage"]["hybrid"]["large"]["completion_tokens"] - r["usage"]["hybrid"]["raw_reasoning_tokens"] <= 4
+
+
 def test_hidden_reasoning_sends_keepalive_pings(hybrid_srv):
     body = {"model": "tiny-chat", "messages": Q, "max_tokens": 2, "stream": True,
             "hybrid": {"loops": 6, "cot_groups": 4, "cot_group_tokens": 30, "return_reasoning": False}}
