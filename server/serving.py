@@ -97,7 +97,7 @@ def generation_work(lm: LoadedModel, prompt_ids: list[int], params: SamplingPara
 
 
 def hybrid_usage(n_prompt: int, n_answer: int, stats) -> P.Usage:
-    """OpenAI usage; with hybrid stats, reasoning tokens (chain-of-thought + condensed
+    """OpenAI usage (plain when stats is None); with hybrid stats, reasoning tokens (chain-of-thought + condensed
     prompts) count as completion tokens, as OpenAI counts a reasoning model's."""
     if stats is None:
         return P.Usage(prompt_tokens=n_prompt, completion_tokens=n_answer, total_tokens=n_prompt + n_answer)
@@ -230,9 +230,11 @@ class Serving:
         params = self._params(req, lm, len(prompt_ids), [])
         return await self._respond(req, lm, prompt_ids, params, request, chat=False)
 
-    async def _respond(self, req, lm: LoadedModel, prompt_ids, params, request: Request, chat: bool):
+    async def _respond(self, req, lm: LoadedModel, prompt_ids, params, request: Request, chat: bool, work=None):
+        """Queue the work (plain generation unless `work` is given, e.g. the hybrid loop) and
+        answer with a stream or one response body."""
         arrived = time.perf_counter()
-        job = self._submit(lm, prompt_ids, params)
+        job = self._submit(lm, prompt_ids, params, work)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         created = P.now()
         if req.stream:
@@ -245,6 +247,7 @@ class Serving:
         try:
             texts, finish, completion_tokens = ["" for _ in range(params.n)], [None] * params.n, 0
             entries: list[list[P.TokenLogprob]] = [[] for _ in range(params.n)]
+            reasoning, stats = "", None  # hybrid work only
             async for kind, payload in self._events(job, lm, arrived, len(prompt_ids)):
                 if kind == "step":
                     for i, text, fin, entry in payload:
@@ -252,16 +255,21 @@ class Serving:
                         finish[i] = fin or finish[i]
                         if entry is not None:
                             entries[i].append(entry)
+                elif kind == "reasoning":
+                    reasoning += payload
+                elif kind == "hybrid":
+                    stats = payload
                 elif kind == "usage":
                     completion_tokens = payload
         finally:
             watcher.cancel()
-        usage = P.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                        total_tokens=len(prompt_ids) + completion_tokens)
+        usage = hybrid_usage(len(prompt_ids), completion_tokens, stats)
         want_lp = params.logprobs is not None
         if chat:
             body = P.ChatCompletionResponse(id=rid, created=created, model=lm.name, usage=usage, choices=[
-                P.ChatChoice(index=i, message=P.ResponseMessage(content=t), finish_reason=f or "length",
+                P.ChatChoice(index=i, message=P.ResponseMessage(content=t, reasoning_content=reasoning or None,
+                                                                reasoning=reasoning or None),
+                             finish_reason=f or "length",
                              logprobs=P.ChoiceLogprobs(content=entries[i]) if want_lp else None)
                 for i, (t, f) in enumerate(zip(texts, finish))])
         else:
@@ -332,35 +340,7 @@ class Serving:
         params = req.to_sampling_params(answer_tokens)
         counter = self.metrics.generation_tokens.labels(lm.name)
         work = hybrid_work(lm, self.memory, messages, hp, params, capacity, params.stop, counter.inc)
-        arrived = time.perf_counter()
-        job = self._submit(lm, prompt_ids, params, work)
-        rid, created = P.new_id("chatcmpl"), P.now()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            sse = self._sse(job, lm, rid, created, n_prompt, 1, True, include_usage, arrived, 0)
-            return StreamingResponse(sse, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(self._watch_disconnect(request, job))
-        reasoning, content, finish, stats, n_answer = "", "", None, None, 0
-        try:
-            async for kind, payload in self._events(job, lm, arrived, n_prompt):
-                if kind == "reasoning":
-                    reasoning += payload
-                elif kind == "step":
-                    for _, text, fin, _ in payload:
-                        content += text
-                        finish = fin or finish
-                elif kind == "hybrid":
-                    stats = payload
-                elif kind == "usage":
-                    n_answer = payload
-        finally:
-            watcher.cancel()
-        msg = P.ResponseMessage(content=content, reasoning_content=reasoning or None, reasoning=reasoning or None)
-        body = P.ChatCompletionResponse(id=rid, created=created, model=lm.name,
-                                        usage=hybrid_usage(n_prompt, n_answer, stats),
-                                        choices=[P.ChatChoice(index=0, message=msg, finish_reason=finish or "length")])
-        return JSONResponse(body.model_dump(exclude_none=False))
+        return await self._respond(req, lm, prompt_ids, params, request, chat=True, work=work)
 
     async def _watch_disconnect(self, request: Request, job: Job) -> None:
         while not job.cancel.is_set():
