@@ -70,12 +70,17 @@ def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[li
     return {n: grams[engine_module_for(n)].float() for n in hf_names}
 
 
+def step_calibration_ids(ctx: dict, samples: int, seq_len: int) -> list[list[int]]:
+    """Calibration windows for a recipe step, tokenized with the source model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
+    return calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
+
+
 def calibration_stat(state: dict[str, torch.Tensor], ctx: dict, names: list[str], samples: int, seq_len: int,
                      stat: str = "gram") -> dict[str, torch.Tensor]:
     """`collect_grams` for a recipe step: the calibration split tokenized with the source
     model's tokenizer (ctx["model_dir"]), on the model as it stands (ctx["config"], state)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
-    batches = calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
+    batches = step_calibration_ids(ctx, samples, seq_len)
     return collect_grams(ctx["config"], state, batches, names, progress=ctx.get("progress", True), stat=stat)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .calibration import calibration_stat
 from .prune import select_weights
 from .recipes import RecipeError, Step

@@ -33,6 +33,7 @@ from server.engine.config import ModelArgs
 from server.engine.loader import build_model
 from server.engine.quant import dequantize_state
 
+from .calibration import step_calibration_ids
 from .recipes import RecipeError, Step
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -44,15 +45,6 @@ class _SkipBlock(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         return x
-
-
-def _calibration_batches(ctx: dict, samples: int, seq_len: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    from .calibration import CalibConfig, calibration_ids
-
-    tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
-    return torch.tensor(calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len)))
 
 
 def _loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -147,8 +139,8 @@ class DepthPruneStep(Step):
         if self.n < 1 or self.n > len(candidates):
             raise RecipeError(f"depth: n={self.n} but only {len(candidates)} of {total} blocks are unprotected "
                               f"(protect_first={self.protect_first}, protect_last={self.protect_last})")
-        batches = None if self.metric == "magnitude" else _calibration_batches(ctx, self.calib_samples,
-                                                                             self.calib_seq_len)
+        batches = None if self.metric == "magnitude" else \
+            torch.tensor(step_calibration_ids(ctx, self.calib_samples, self.calib_seq_len))
         scores = block_scores(state, config, candidates, self.metric, batches)
         baseline = scores.pop(-1, None)
         # every metric is "higher = more important" (for ppl: the model does worse without it)

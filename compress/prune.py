@@ -158,18 +158,15 @@ class ConsensusPruneStep(Step):
         return state
 
     def _model_judge(self, state, ctx):
-        from transformers import AutoTokenizer
-
         from server.engine.config import ModelArgs
         from server.engine.loader import build_model
         from server.engine.quant import dequantize_state
 
-        from .calibration import CalibConfig, calibration_ids
+        from .calibration import step_calibration_ids
 
         args = ModelArgs.from_hf_config(ctx["config"])
         model = build_model(args, dequantize_state(state), max_len=self.model_tokens + 1)
-        tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
-        ids = torch.tensor([calibration_ids(tok, CalibConfig(1, self.model_tokens))[0]])
+        ids = torch.tensor(step_calibration_ids(ctx, 1, self.model_tokens))
         return model, args, ids
 
     def _rescore_with_model(self, judge, name, w, mask, gen) -> tuple[int, int]:

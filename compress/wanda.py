@@ -25,6 +25,7 @@ import torch
 from server.engine.config import ModelArgs
 from server.engine.loader import FUSED_PROJECTIONS, build_model
 
+from .calibration import step_calibration_ids
 from .recipes import RecipeError, Step
 
 
@@ -87,23 +88,16 @@ class WandaStep(Step):
             raise RecipeError("wanda: modules must be all, mlp or attn")
         if any(k.endswith("_scale") or "_lr_" in k for k in state):
             raise RecipeError("wanda: run it before int8/svd steps (it prunes float weights)")
-        from .depth import _calibration_batches
-
         config = ctx["config"]
         args = ModelArgs.from_hf_config(config)
         state = dict(state)
-        ids = _calibration_batches(ctx, self.calib_samples, self.calib_seq_len)
+        ids = torch.tensor(step_calibration_ids(ctx, self.calib_samples, self.calib_seq_len))
         model = build_model(args, {k: v.float() for k, v in state.items()}, max_len=ids.shape[1] + 1)
-        t = ids.shape[1]
         x = model.embed(ids).float()
-        masks = model._masks(0, t, ids.device)
-        tables = {theta: (getattr(model, f"rope_cos_{i}")[:t], getattr(model, f"rope_sin_{i}")[:t])
-                  for theta, i in model._rope.items()}
+        per_layer = model.layer_inputs(0, ids.shape[1], ids.device)
         paths = [p for p in FUSED_PROJECTIONS if self.modules == "all" or p.startswith(self.modules)]
         zeros = total = 0
-        for layer, block in enumerate(model.layers):
-            cos, sin = tables[args.rope_theta[layer]]
-            mask = masks[args.sliding_window[layer]]
+        for layer, (block, (cos, sin, mask)) in enumerate(zip(model.layers, per_layer)):
             sq: dict[str, torch.Tensor] = {}
             hooks = []
             for path in paths:

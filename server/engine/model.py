@@ -181,6 +181,18 @@ class Transformer(nn.Module):
             masks[w] = m
         return masks
 
+    def layer_inputs(self, start: int, t: int, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per layer, the (cos, sin, mask) its block takes for positions [start, start + t):
+        RoPE tables of the layer's base in the attention dtype and its window's mask. Tables and
+        masks are built once per distinct base/window and shared."""
+        masks = self._masks(start, t, device)
+        adt = self.attn_dtype
+        tables = {theta: (getattr(self, f"rope_cos_{i}")[start:start + t].to(adt),
+                          getattr(self, f"rope_sin_{i}")[start:start + t].to(adt))
+                  for theta, i in self._rope.items()}
+        return [(*tables[self.args.rope_theta[layer]], masks[self.args.sliding_window[layer]])
+                for layer in range(len(self.layers))]
+
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
@@ -192,16 +204,8 @@ class Transformer(nn.Module):
         if start + t > self.max_len:
             raise ValueError(f"sequence length {start + t} exceeds max_len {self.max_len}")
         x = self.embed(ids).to(self.compute_dtype)
-        masks = self._masks(start, t, ids.device)
-        tables = {}
-        adt = self.attn_dtype
-        for theta, i in self._rope.items():
-            cos = getattr(self, f"rope_cos_{i}")[start:start + t].to(adt)
-            sin = getattr(self, f"rope_sin_{i}")[start:start + t].to(adt)
-            tables[theta] = (cos, sin)
-        for layer, block in enumerate(self.layers):
-            cos, sin = tables[self.args.rope_theta[layer]]
-            x = block(x, cos, sin, masks[self.args.sliding_window[layer]], cache)
+        for block, (cos, sin, mask) in zip(self.layers, self.layer_inputs(start, t, ids.device)):
+            x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(t)
         if last_only:
