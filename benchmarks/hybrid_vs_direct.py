@@ -30,19 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+from memory_model.problems import NUMBER_RE, extract_answer  # noqa: E402
 
 
 def final_number(text: str) -> int | None:
-    m = re.search(r"answer is[^\d-]{0,20}(-?\d[\d,]*(?:\.\d+)?)", text, re.IGNORECASE)
-    nums = [m.group(1)] if m else _NUM.findall(text)
-    if not nums:
-        return None
-    try:
-        v = float(nums[-1 if not m else 0].replace(",", ""))
-    except ValueError:
-        return None
-    return int(v) if v == int(v) else None
+    """The number after "answer is", else the last number of a free-form answer."""
+    m = re.search(rf"answer is[^\d-]{{0,20}}({NUMBER_RE.pattern})", text, re.IGNORECASE)
+    nums = [m.group(1)] if m else NUMBER_RE.findall(text)
+    return extract_answer(nums[0 if m else -1]) if nums else None
 
 
 def ask(url: str, model: str, question: str, hybrid: dict | None, max_tokens: int) -> dict:

@@ -52,6 +52,11 @@ def _cpu_flags() -> list[str]:
     return [f for f in _CPU_FLAGS if f in words]
 
 
+def has_native_bf16(flags) -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware rather than emulated."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -93,7 +98,7 @@ class HardwareOptimizer:
                 "Apple MPS: fp16 is supported on every MPS device; bf16 needs a recent macOS and is slower"])
         flags = set(i.cpu_flags)
         threads = i.cores
-        if flags & {"avx512_bf16", "amx_bf16"}:
+        if has_native_bf16(flags):
             return Plan("int8", "weight_only", threads, [
                 f"CPU with {'AMX' if 'amx_bf16' in flags else 'AVX512-BF16'}: bf16 activations run natively, "
                 "so int8 weight-only (W8A16) quarters the bytes read per token at ~0.5% perplexity cost",

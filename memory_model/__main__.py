@@ -62,6 +62,12 @@ def cmd_tokenizer(a) -> None:
     print(f"wrote {out}: {tok.vocab_size} pieces; {sample!r} -> {len(tok.encode(sample))} tokens")
 
 
+def _refuse_existing(out: Path, a) -> None:
+    """A new run must not overwrite a checkpoint unless asked (--resume continues it)."""
+    if not a.resume and (out / "config.json").exists() and not a.force:
+        raise ValueError(f"{out} exists: pass --resume to continue it or --force to start over")
+
+
 def _train_config(a):
     from .train import TrainConfig
 
@@ -88,8 +94,7 @@ def cmd_pretrain(a) -> None:
     if a.resume:
         model, cfg, tok, meta = load_checkpoint(out, dev)
     else:
-        if (out / "config.json").exists() and not a.force:
-            raise ValueError(f"{out} exists: pass --resume to continue it or --force to start over")
+        _refuse_existing(out, a)
         tok = Tokenizer(a.tokenizer)
         cfg = from_preset(a.preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
                           eos_id=tok.eos_id)
@@ -127,8 +132,7 @@ def cmd_sft(a) -> None:
     tc = _train_config(a)
     out = Path(a.out)
     src = out if a.resume else Path(a.init)
-    if not a.resume and (out / "config.json").exists() and not a.force:
-        raise ValueError(f"{out} exists: pass --resume to continue it or --force to start over")
+    _refuse_existing(out, a)
     model, cfg, tok, meta = load_checkpoint(src, dev)
     rows = read_jsonl(Path(a.data))
     if a.synthetic:
@@ -163,8 +167,7 @@ def cmd_reinforce(a) -> None:
 
     _threads(a.threads)
     out = Path(a.out)
-    if not a.resume and (out / "config.json").exists() and not a.force:
-        raise ValueError(f"{out} exists: pass --resume to continue it or --force to start over")
+    _refuse_existing(out, a)
     mm = MemoryModel(out if a.resume else a.init, _device(a.device), a.max_prompt, a.max_cot)
     lm = load_model(a.large)
     rc = ReinforceConfig(steps=a.steps, prompts_per_step=a.prompts, samples_per_prompt=a.samples,

@@ -44,46 +44,43 @@ def evaluate(lm: LoadedModel, rows: list[dict], policies: dict[str, MemoryModel]
         "question": lambda r: r["question"],
         "full-cot": lambda r: f"{r['question']}\n{r['cot']}",
     }
-    condensed: dict[str, list[str]] = {}
     for name, mm in policies.items():
         conditions[name] = (lambda m: lambda r: m.condense(r["question"], r["cot"], max_new=max_new).text)(mm)
     conditions["rule"] = lambda r: reference_condensation(r["question"], r["cot"])
     results: dict[str, dict] = {}
     first_policy = next(iter(policies), None)
+    policy_lengths: list[int] = []
     for name, make_context in conditions.items():
-        results[name] = _run(lm, rows, make_context)
-        if name in policies:
-            condensed[name] = results[name].pop("contexts")
-        else:
-            results[name].pop("contexts")
+        results[name], lengths = _run(lm, rows, make_context)
+        if name == first_policy:
+            policy_lengths = lengths
         if progress:
             progress(f"{name}: {results[name]}")
     if first_policy is not None:
-        lengths = [len(lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in condensed[first_policy]]
         for keep in ("head", "tail"):
-            ctxs = {id(r): _truncate(lm, r["question"], r["cot"], n, keep) for r, n in zip(rows, lengths)}
-            results[f"truncate-{keep}"] = _run(lm, rows, lambda r: ctxs[id(r)])
-            results[f"truncate-{keep}"].pop("contexts")
+            ctxs = {id(r): _truncate(lm, r["question"], r["cot"], n, keep) for r, n in zip(rows, policy_lengths)}
+            name = f"truncate-{keep}"
+            results[name], _ = _run(lm, rows, lambda r: ctxs[id(r)])
             if progress:
-                progress(f"truncate-{keep}: {results[f'truncate-{keep}']}")
+                progress(f"{name}: {results[name]}")
     return results
 
 
-def _run(lm: LoadedModel, rows: list[dict], make_context: Callable[[dict], str]) -> dict:
-    correct, tokens, seconds, contexts = 0, 0, 0.0, []
+def _run(lm: LoadedModel, rows: list[dict], make_context: Callable[[dict], str]) -> tuple[dict, list[int]]:
+    """Summary of one condition, and each row's context length in large-model tokens."""
+    correct, seconds, contexts, lengths = 0, 0.0, [], []
     for r in rows:
         t0 = time.perf_counter()
         ctx = make_context(r)
         out = large.generate_answers(lm, [ctx])[0]
         seconds += time.perf_counter() - t0
         correct += is_correct(out, r["answer"])
-        tokens += len(lm.tokenizer(ctx, add_special_tokens=False)["input_ids"])
+        lengths.append(len(lm.tokenizer(ctx, add_special_tokens=False)["input_ids"]))
         contexts.append(ctx)
     logps = [lp for lp, _ in large.score_answers(lm, contexts, [r["answer"] for r in rows])]
     n = len(rows)
     return {"accuracy": round(correct / n, 4), "answer_logp": round(sum(logps) / n, 4),
-            "context_tokens": round(tokens / n, 1), "seconds": round(seconds / n, 3), "n": n,
-            "contexts": contexts}
+            "context_tokens": round(sum(lengths) / n, 1), "seconds": round(seconds / n, 3), "n": n}, lengths
 
 
 def markdown_table(results: dict[str, dict]) -> str:

@@ -12,7 +12,10 @@ from collections import defaultdict
 
 import torch
 
+from server.engine.generate import decode_one_token, prefill
 from server.runner import LoadedModel
+
+from .model import right_pad
 
 COT_INSTRUCTION = "Let's think step by step."
 ANSWER_PREFIX = "The answer is"
@@ -49,7 +52,7 @@ def greedy_batch(lm: LoadedModel, prompts: list[list[int]], max_new: int, batch_
             rows = idx[s:s + batch_size]
             ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=model.device)
             cache = model.new_cache(len(rows), length + max_new)
-            logits = model(ids, cache, last_only=True)[:, -1]
+            logits = prefill(model, ids, cache)
             done = [False] * len(rows)
             for step in range(max_new):
                 tok = logits.argmax(-1)
@@ -61,7 +64,7 @@ def greedy_batch(lm: LoadedModel, prompts: list[list[int]], max_new: int, batch_
                             out[rows[j]].append(t)
                 if all(done) or step == max_new - 1:
                     break
-                logits = model(tok[:, None], cache, last_only=True)[:, -1]
+                logits = decode_one_token(model, tok, cache)
     return out
 
 
@@ -70,9 +73,8 @@ def score_answers(lm: LoadedModel, contexts: list[str], answers: list[int], batc
                   ) -> list[tuple[float, bool]]:
     """Per context: (mean log-probability per token of ' {answer}' after the answer prompt,
     whether greedy decoding would write exactly those tokens). Teacher-forced, one batched
-    forward: greedy writes the reference iff every reference token is the argmax given the
-    ones before it. Rows are right-padded; a causal model never attends to the padding
-    after a row's own tokens, so no mask is needed."""
+    forward of right-padded rows: greedy writes the reference iff every reference token is
+    the argmax given the ones before it."""
     model = lm.model
     seqs, spans = [], []
     for ctx, ans in zip(contexts, answers):
@@ -83,12 +85,8 @@ def score_answers(lm: LoadedModel, contexts: list[str], answers: list[int], batc
     out: list[tuple[float, bool]] = []
     for s in range(0, len(seqs), batch_size):
         chunk, sp = seqs[s:s + batch_size], spans[s:s + batch_size]
-        t = max(len(x) for x in chunk)
-        ids = torch.zeros(len(chunk), t, dtype=torch.long)
-        for j, x in enumerate(chunk):
-            ids[j, :len(x)] = torch.tensor(x)
-        ids = ids.to(model.device)
-        logits = model(ids, model.new_cache(len(chunk), t)).float()
+        ids = right_pad(chunk, 0, model.device)
+        logits = model(ids, model.new_cache(*ids.shape)).float()
         for j, (a, b) in enumerate(sp):
             lg = logits[j, a - 1:b - 1]  # position i predicts token i + 1
             tok = ids[j, a:b]

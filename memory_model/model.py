@@ -111,6 +111,15 @@ def lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> torch.Tensor:
+    """(B, T) right-padded ids. For a causal model this needs no attention mask: a row's
+    own positions never attend to the padding after them."""
+    ids = torch.full((len(seqs), max(len(x) for x in seqs)), pad_id, dtype=torch.long)
+    for j, x in enumerate(seqs):
+        ids[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return ids.to(device) if device is not None else ids
+
+
 def sequence_logprobs(model: Transformer, ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row sum of log pi(token) over generated positions [start, length) of right-padded

@@ -171,12 +171,12 @@ def equations(text: str) -> list[str]:
     return [re.sub(r"\s+", " ", m.group(1)) for m in _EQUATION.finditer(text)]
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER_RE = re.compile(_NUM_RE)
 
 
 def extract_answer(text: str) -> int | None:
     """The first number of an answer ('12', '$12.', 'The answer is 12 apples'), or None."""
-    m = _NUMBER.search(text)
+    m = NUMBER_RE.search(text)
     if m is None:
         return None
     s = m.group(0).replace(",", "")

@@ -31,7 +31,7 @@ from server.runner import LoadedModel
 from . import large
 from .checkpoint import load_train_state, read_log, save_checkpoint
 from .condense import MemoryModel
-from .model import sequence_logprobs
+from .model import right_pad, sequence_logprobs
 
 
 @dataclass
@@ -137,8 +137,8 @@ def reinforce(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceC
         for i, r in enumerate(batch):
             samples = mm.sample(r["question"], r["cot"], n=k, max_new=rc.max_new, temperature=rc.temperature,
                                 top_k=rc.top_k, seed=rc.seed * 1_000_003 + step * 97 + i)
+            ids = mm.input_ids(r["question"], r["cot"])
             for c in samples:
-                ids = mm.input_ids(r["question"], r["cot"])
                 seqs.append(ids + c.token_ids)
                 starts.append(len(ids))
                 texts.append(c.text)
@@ -147,12 +147,8 @@ def reinforce(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceC
         rs = rewards(lm, texts, answers, rc)
         t_score = time.perf_counter() - t0 - t_sample
         policy.train()
-        t = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), t), mm.cfg.pad_id, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, :len(s)] = torch.tensor(s)
         dev = next(policy.parameters()).device
-        ids = ids.to(dev)
+        ids = right_pad(seqs, mm.cfg.pad_id, dev)
         start = torch.tensor(starts, device=dev)
         length = torch.tensor([len(s) for s in seqs], device=dev)
         logp, ent, tok_logp = sequence_logprobs(policy, ids, start, length)

@@ -62,9 +62,9 @@ def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.AdamW:
 
 
 def cpu_has_bf16() -> bool:
-    from compress.hardware import _cpu_flags
+    from compress.hardware import detect, has_native_bf16
 
-    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
+    return has_native_bf16(detect().cpu_flags)
 
 
 def autocast(device: torch.device, precision: str = "auto"):
