@@ -41,12 +41,16 @@ class MemoryModel:
     def input_ids(self, prompt: str, cot: str) -> list[int]:
         return self.tok.condense_input(prompt, cot, self.max_prompt, self.max_cot)
 
+    def budget(self, input_ids: list[int], max_new: int) -> int:
+        """Tokens the model may write after this input: max_new, capped by its positions."""
+        return max(1, min(max_new, self.cfg.max_len - len(input_ids)))
+
     def sample(self, prompt: str, cot: str, n: int = 1, max_new: int = 100, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                cancel: threading.Event | None = None) -> list[Condensation]:
         """n condensations of one input (its prefix is prefilled once and shared)."""
         ids = self.input_ids(prompt, cot)
-        max_new = max(1, min(max_new, self.cfg.max_len - len(ids)))
+        max_new = self.budget(ids, max_new)
         params = SamplingParams(max_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                                 seed=seed, n=n)
         outs: list[list[int]] = [[] for _ in range(n)]

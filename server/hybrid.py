@@ -168,7 +168,7 @@ def hybrid_work(lm: LoadedModel, mm: MemoryModel, messages: list[dict], hp: Hybr
             # 2. the memory model condenses (P, CoT) into the next P
             t0 = time.perf_counter()
             mids = mm.input_ids(p, cot_text.strip())
-            budget = max(1, min(hp.condense_tokens, mm.cfg.max_len - len(mids)))
+            budget = mm.budget(mids, hp.condense_tokens)
             out = list(_decode(small_kv, mids, budget, {mm.cfg.eos_id}, small_pick, cancel))
             st.small.completion_tokens += len(out)
             st.condensed_tokens += len(out)
