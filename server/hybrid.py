@@ -158,7 +158,10 @@ def hybrid_work(lm: LoadedModel, mm: MemoryModel, messages: list[dict], hp: Hybr
                     groups, in_group = groups + 1, 0
                     if groups >= hp.cot_groups:
                         break
-            cot_text += detok.flush()
+            tail = detok.flush()  # an incomplete character held back at the end
+            cot_text += tail
+            if ev := say(tail):
+                yield ev
             st.raw_reasoning_tokens += n_cot
             st.large.completion_tokens += n_cot
             st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n_cot)
