@@ -12,7 +12,11 @@ Run:
     python -m compress build --source smollm2-135m-instruct --recipe "depth(n=6,metric=ppl),int8"
 Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic,
 prune(...) (stochastic-consensus pruning), svd(...) (low-rank re-densification),
-depth(...) (block removal), wanda(...) (N:M / unstructured), channels(...), smooth(...), qat(...), int8-static.
+depth(...) (block removal), wanda(...) (N:M / unstructured), channels(...), smooth(...), qat(...), int8-static,
+lora(...) (LoRA/KD recovery), gptq(...) (GPTQ 4-bit), eora(...) (quantization-error adapter).
+    python -m compress build --source smollm2-135m-instruct \
+        --recipe "depth(n=4),wanda(pattern=2:4),lora(steps=100),gptq(bits=4,group_size=128),eora(rank=32)"
+    python -m compress eval artifacts/x --qa                      # + closed/open-book QA accuracy
 """
 
 from __future__ import annotations
@@ -101,6 +105,14 @@ def cmd_eval(a) -> None:
                      decode_tokens=a.decode_tokens, repeats=a.repeats)
     res = evaluate(model, tok, cfg, progress=not a.quiet)
     res["size_bytes"] = manifest["size_bytes"]
+    if a.qa:
+        from .evaluate import _adds_bos
+        from .qa import QAConfig, qa_accuracy
+
+        res["qa"] = qa_accuracy(model, tok, QAConfig(n_closed=a.qa_n, n_open=a.qa_n, max_new_tokens=a.qa_max_new_tokens),
+                                add_bos=_adds_bos(tok), progress=not a.quiet)
+        print(f"QA ({res['qa']['dataset']}): closed-book {res['qa']['closed']['accuracy'] * 100:.1f}%, "
+              f"open-book {res['qa']['open']['accuracy'] * 100:.1f}% (n={a.qa_n} each)")
     print(f"{Path(a.artifact).name}: perplexity {res['perplexity']:.3f} on {res['tokens']} tokens ({res['dataset']}), "
           f"prefill {res['prefill_tok_s']:.1f} tok/s, decode {res['decode_tok_s']:.1f} tok/s "
           f"({res['threads']} threads), size {res['size_bytes'] / 1e6:.1f} MB")
@@ -210,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     e.add_argument("--int8-kernel", choices=["weight_only", "dynamic"], help="override the artifact's int8 kernel")
+    e.add_argument("--qa", action="store_true", help="also closed-/open-book QA accuracy (greedy)")
+    e.add_argument("--qa-n", type=int, default=50, help="questions per QA kind")
+    e.add_argument("--qa-max-new-tokens", type=int, default=16, help="1..50")
     e.add_argument("--no-save", action="store_true", help="do not record the results in the manifest")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", action="store_true")
@@ -243,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         a.fn(a)
-    except (ArtifactError, RecipeError, SourceError, FileNotFoundError, NotImplementedError, KeyError) as err:
+    except (ArtifactError, RecipeError, SourceError, FileNotFoundError, NotImplementedError, KeyError,
+            ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,9 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names, so `PeftModel.from_pretrained(model, dir)` works
+ADAPTER_CONFIG = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
 
 
 class ArtifactError(RuntimeError):
@@ -124,10 +127,38 @@ def update_manifest(root: Path, **fields) -> dict:
 
 
 def load_state(root: Path) -> dict:
-    """Safetensors only: never unpickle weights."""
+    """Safetensors only: never unpickle weights. An adapter file's tensors join the state
+    under the recipe's names (`<module>.lora_A.weight`, `<module>.lora_B.weight`)."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(root) / WEIGHTS))
+    state = load_file(str(Path(root) / WEIGHTS))
+    if (Path(root) / ADAPTER_WEIGHTS).is_file():
+        for k, v in load_file(str(Path(root) / ADAPTER_WEIGHTS)).items():
+            state[k.removeprefix(_PEFT_PREFIX)] = v
+    return state
+
+
+def split_adapter(state: dict) -> tuple[dict, dict]:
+    """(base tensors, adapter tensors) of a recipe state."""
+    adapter = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+    return {k: v for k, v in state.items() if k not in adapter}, adapter
+
+
+def write_peft_adapter(root: Path, adapter: dict) -> None:
+    """Adapter tensors as PEFT's LoRA files. The scaling is already folded into B, so every
+    module gets lora_alpha = its rank (scaling 1); ranks may differ per module (rank_pattern)."""
+    from safetensors.torch import save_file
+
+    save_file({_PEFT_PREFIX + k: v.contiguous().float() for k, v in adapter.items()}, str(Path(root) / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in adapter.items() if k.endswith(".lora_A.weight")}
+    r = max(ranks.values())
+    pattern = {m: n for m, n in ranks.items() if n != r}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
+              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
+              "rank_pattern": pattern, "alpha_pattern": pattern}
+    (Path(root) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def load_engine_model(root: Path, max_len: int | None = None, check: bool = True, int8_kernel: str | None = None):

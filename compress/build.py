@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from server.engine.config import ModelArgs
 
-from .artifact import WEIGHTS, write_artifact
+from .artifact import ADAPTER_WEIGHTS, WEIGHTS, split_adapter, write_artifact, write_peft_adapter
 from .recipes import parse_recipe
 
 # Files copied from the source directory besides the weights (tokenizer, configs).
@@ -45,14 +45,18 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
                  "progress": progress}
     for step in steps:
         state = step.apply(state, ctx)
-    # Parameters as stored (scales excluded; pruned zeros still count: they are stored densely).
-    n_params = sum(t.numel() for k, t in state.items() if not k.endswith("_scale"))
+    n_params = stored_params(state)
     lowrank = any(k.endswith("_lr_a") for k in state)
-    float_dtype = ctx["dtype"] if ctx["dtype"] in ("float16", "bfloat16") else "float32"
+    float_dtype = ctx.get("float_dtype") or (ctx["dtype"] if ctx["dtype"] in ("float16", "bfloat16") else "float32")
     config = {**config, "dtype": float_dtype, "torch_dtype": float_dtype}
+    base, adapter = split_adapter(state)
+    int8 = any(k.endswith("_scale") and not k.endswith("_act_scale") for k in base)
+    gptq = any(k.endswith(".qweight") for k in base)
 
     def fill(tmp: Path) -> dict:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in base.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if adapter:
+            write_peft_adapter(tmp, adapter)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in model_dir.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP and f.name != "config.json":
@@ -65,7 +69,12 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
             "steps": [s.record() for s in steps],
             "dtype": ctx["dtype"],
             "int8_kernel": ctx["int8_kernel"],
-            "hf_loadable": ctx["dtype"] != "int8" and not lowrank,
+            # plain transformers reads float and GPTQ weights (GPTQ through optimum + gptqmodel);
+            # int8 rows and SVD factors are this engine's own formats
+            "hf_loadable": not int8 and not lowrank,
+            **({"hf_requires": ["optimum", "gptqmodel"]} if gptq else {}),
+            **({"adapter": {"file": ADAPTER_WEIGHTS, "modules": len(adapter) // 2,
+                            "params": sum(t.numel() for t in adapter.values())}} if adapter else {}),
             "n_params": n_params,
             "source_n_params": source_params,
             "chat_template": _has_chat_template(model_dir),
@@ -81,3 +90,18 @@ def _has_chat_template(model_dir: Path) -> bool:
         return True
     cfg = model_dir / "tokenizer_config.json"
     return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))
+
+
+def stored_params(state: dict[str, torch.Tensor]) -> int:
+    """Parameters as stored: int8 scales and GPTQ zero points/scales/group indices are
+    bookkeeping, a GPTQ qweight holds 32/bits weights per int32; pruned zeros still count
+    (they are stored densely)."""
+    n = 0
+    for k, t in state.items():
+        if k.endswith(("_scale", ".qzeros", ".scales", ".g_idx")):
+            continue
+        if k.endswith(".qweight"):
+            n += t.shape[1] * state[k[: -len("qweight")] + "g_idx"].numel()
+        else:
+            n += t.numel()
+    return n

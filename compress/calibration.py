@@ -78,6 +78,15 @@ def step_calibration_ids(ctx: dict, samples: int, seq_len: int) -> list[list[int
     return calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
 
 
+def training_windows(ctx: dict, n: int, seq_len: int) -> list[list[int]]:
+    """n training windows from the calibration split for a fine-tuning step (QAT, LoRA);
+    where the split holds fewer, a quarter as many distinct windows, cycled by the caller."""
+    try:
+        return step_calibration_ids(ctx, n, seq_len)
+    except ValueError:
+        return step_calibration_ids(ctx, max(1, n // 4), seq_len)
+
+
 def calibration_stat(state: dict[str, torch.Tensor], ctx: dict, names: list[str], samples: int, seq_len: int,
                      stat: str = "gram") -> dict[str, torch.Tensor]:
     """`collect_grams` for a recipe step: the calibration split tokenized with the source

@@ -46,7 +46,7 @@ def select_weights(state: dict, modules: str, layers: str) -> list[str]:
     for m in modules.replace("+", ",").split(","):
         projs += _GROUPS.get(m.strip(), [m.strip()])
     keep_layer = (lambda i: True) if layers == "all" else _layer_set(layers).__contains__
-    names = [k for k in state if k.endswith(".weight") and k.startswith("model.layers.")
+    names = [k for k in state if k.endswith(".weight") and k.startswith("model.layers.") and ".lora_" not in k
              and k.split(".")[4] in projs and keep_layer(int(k.split(".")[2]))]
     if not names:
         raise RecipeError(f"no weights match modules={modules!r} layers={layers!r}")

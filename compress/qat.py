@@ -62,12 +62,10 @@ class QATStep(Step):
             raise RecipeError("qat needs dense float weights: put it before int8/int8-dynamic/svd")
         if self.act_bits not in (0, 8) or self.weight_bits not in (0, 8):
             raise RecipeError("qat: act_bits and weight_bits must be 0 or 8")
-        from transformers import AutoTokenizer
-
         from server.engine.config import ModelArgs
         from server.engine.loader import build_model
 
-        from .calibration import CalibConfig, calibration_ids
+        from .calibration import training_windows
 
         torch.manual_seed(self.seed)
         args = ModelArgs.from_hf_config(ctx["config"])
@@ -80,12 +78,7 @@ class QATStep(Step):
                 fq = FakeQuantLinear(getattr(owner, attr).weight, self.act_bits, self.weight_bits)
                 setattr(owner, attr, fq)
                 params.append(fq.weight)
-        n_seq = self.steps * self.batch
-        tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
-        try:
-            seqs = calibration_ids(tok, CalibConfig(samples=n_seq, seq_len=self.seq_len))
-        except ValueError:  # small calibration split: cycle through what there is
-            seqs = calibration_ids(tok, CalibConfig(samples=max(1, n_seq // 4), seq_len=self.seq_len))
+        seqs = training_windows(ctx, self.steps * self.batch, self.seq_len)
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         model.train()
         losses, t0 = [], time.perf_counter()

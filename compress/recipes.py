@@ -49,7 +49,10 @@ class CastStep(Step):
 def _is_quantizable(name: str, t: torch.Tensor) -> bool:
     # Every 2-D weight: projections, MLP, embedding (which is also the tied LM head), and
     # SVD factors. Norm weights are 1-D and stay in float.
-    return t.dim() == 2 and name.endswith((".weight", "_lr_a", "_lr_b")) and t.is_floating_point()
+    # Adapters (`.lora_A.weight`/`.lora_B.weight`) stay in float: they are tiny and their
+    # whole point is to carry what the quantized base lost.
+    return (t.dim() == 2 and name.endswith((".weight", "_lr_a", "_lr_b")) and t.is_floating_point()
+            and ".lora_" not in name)
 
 
 @dataclass
@@ -65,6 +68,9 @@ class Int8Step(Step):
 
     def apply(self, state, ctx):
         out = {}
+        # the float projections before rounding, for an `eora` step right after this one
+        ctx["pre_quant"] = {k: v.float() for k, v in state.items()
+                            if k.startswith("model.layers.") and k.endswith(".weight") and _is_quantizable(k, v)}
         for k, v in state.items():
             if _is_quantizable(k, v):
                 out[k], out[k + "_scale"] = quantize_per_channel(v)
@@ -103,6 +109,9 @@ class Int8StaticStep(Int8Step):
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
     from .depth import DepthPruneStep
+    from .eora import EoRAStep
+    from .gptq import GPTQStep
+    from .lora import LoRAStep
     from .wanda import WandaStep
     from .prune import ConsensusPruneStep, SVDStep
     from .qat import QATStep
@@ -122,11 +131,14 @@ def _registry() -> dict:
         "wanda": WandaStep,
         "smooth": SmoothStep,
         "qat": QATStep,
+        "lora": LoRAStep,
+        "gptq": GPTQStep,
+        "eora": EoRAStep,
     }
 
 
 STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "depth", "wanda",
-              "smooth", "qat"]
+              "smooth", "qat", "lora", "gptq", "eora"]
 
 
 def _split_top(text: str) -> list[str]:
@@ -147,6 +159,15 @@ def _split_top(text: str) -> list[str]:
     return [p.strip() for p in parts + [cur] if p.strip()]
 
 
+def _parse_bool(text: str) -> bool:
+    # bool("false") is True: spell the accepted words out
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(text)
+
+
 def _make(name: str, args: str, factory) -> Step:
     kwargs = {}
     probe = factory()
@@ -158,7 +179,7 @@ def _make(name: str, args: str, factory) -> Step:
             raise RecipeError(f"step {name}: unknown parameter {key!r}; known: "
                               f"{', '.join(k for k in types if k != 'stats') or 'none'}")
         try:
-            kwargs[key] = types[key](value.strip())
+            kwargs[key] = _parse_bool(value.strip()) if types[key] is bool else types[key](value.strip())
         except ValueError as e:
             raise RecipeError(f"step {name}: {key}={value.strip()!r} is not a valid {types[key].__name__}") from e
     return factory(**kwargs)
@@ -179,9 +200,17 @@ def parse_recipe(recipe: str) -> list[Step]:
         if rest and not rest.endswith(")"):
             raise RecipeError(f"malformed step {item!r}")
         steps.append(_make(name, rest[:-1], registry[name]))
-    quant = [s for s in steps if isinstance(s, (CastStep, Int8Step))]
+    from .gptq import GPTQStep
+
+    quant = [s for s in steps if isinstance(s, (CastStep, Int8Step, GPTQStep))]
     if len(quant) > 1:
-        raise RecipeError("a recipe can hold only one precision step (fp16, bf16, int8, int8-dynamic or int8-static)")
+        raise RecipeError("a recipe can hold only one precision step (fp16, bf16, int8, int8-dynamic, int8-static "
+                          "or gptq)")
+    adapter_at = [i for i, s in enumerate(steps) if s.name == "eora" or (s.name == "lora" and not s.merge)]
+    if adapter_at and any(not (isinstance(s, (CastStep, Int8Step)) and not isinstance(s, Int8StaticStep))
+                          for s in steps[adapter_at[0] + 1:]):
+        raise RecipeError("after a step that keeps an adapter (eora, lora(merge=false)) only fp16, bf16, int8 or "
+                          "int8-dynamic may follow")
     if any(isinstance(s, Int8StaticStep) for s in steps[:-1]):
         raise RecipeError("int8-static must be the last step: its activation scales are calibrated on the final model")
     return steps

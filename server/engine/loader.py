@@ -2,7 +2,10 @@
 
 HF checkpoints keep q/k/v and gate/up as separate matrices; the engine fuses them at
 load time. Int8 tensors arrive as `<name>` (int8) + `<name>_scale` (fp32 per row);
-low-rank factors as `<name>_lr_a` / `<name>_lr_b` (the SVD step), themselves float or int8.
+low-rank factors as `<name>_lr_a` / `<name>_lr_b` (the SVD step), themselves float or int8;
+GPTQ modules as `<module>.qweight/qzeros/scales/g_idx` (gptq_format.py). A projection may also
+carry a low-rank adapter (LoRA kept unmerged, or EoRA): `<module>.lora_A.weight` (r, in) and
+`<module>.lora_B.weight` (out, r) with the scaling folded into B, added to the base output.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelArgs
+from .gptq_format import gptq_linear, module_tensors
 from .model import Transformer, rope_tables
 from .quant import Int8Embedding, int8_linear
 
@@ -43,9 +47,16 @@ def _get(state: dict, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return state[name], state.get(name + "_scale")
 
 
+def _module(name: str) -> str:
+    """'model.layers.0.mlp.up_proj.weight' -> 'model.layers.0.mlp.up_proj'."""
+    return name[: -len(".weight")]
+
+
 def _kind(state: dict, name: str) -> str:
     if name + "_lr_a" in state:
         return "lowrank"
+    if _module(name) + ".qweight" in state:
+        return "gptq"
     return "int8" if name + "_scale" in state else "float"
 
 
@@ -77,6 +88,55 @@ class SparseLowRank(nn.Module):
         return y + sparse.to(y.dtype)
 
 
+class WithAdapter(nn.Module):
+    """y = base(x) + B(A x): a low-rank adapter beside any base projection. For fused
+    projections A stacks the parts' A rows and B is block-diagonal, so it stays two matmuls."""
+
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, dtype):
+        super().__init__()
+        self.base = base
+        self.register_buffer("a", a.to(dtype).contiguous())  # (r_total, in)
+        self.register_buffer("b", b.to(dtype).contiguous())  # (out_total, r_total)
+
+    def forward(self, x):
+        y = self.base(x)
+        delta = (x.to(self.a.dtype) @ self.a.t()) @ self.b.t()
+        return y + delta.to(y.dtype)
+
+
+def _adapter(state: dict, names: list[str], base: nn.Module, dtype) -> nn.Module:
+    """Wrap `base` (the fused module of `names`) with the parts' adapters, if any."""
+    mods = [_module(n) for n in names]
+    if not any(m + ".lora_A.weight" in state for m in mods):
+        return base
+    a_parts, b_parts = [], []
+    for m, n in zip(mods, names):
+        out_f = _out_features(state, n)
+        if m + ".lora_A.weight" in state:
+            a_parts.append(state[m + ".lora_A.weight"].float())
+            b_parts.append(state[m + ".lora_B.weight"].float())
+        else:  # no adapter on this part: a rank-0 block
+            a_parts.append(torch.zeros(0, _in_features(state, n)))
+            b_parts.append(torch.zeros(out_f, 0))
+    return WithAdapter(base, torch.cat(a_parts, dim=0), torch.block_diag(*b_parts), dtype)
+
+
+def _out_features(state: dict, name: str) -> int:
+    if _kind(state, name) == "gptq":
+        return state[_module(name) + ".scales"].shape[1]
+    if _kind(state, name) == "lowrank":
+        return state[name + "_lr_b"].shape[0]
+    return state[name].shape[0]
+
+
+def _in_features(state: dict, name: str) -> int:
+    if _kind(state, name) == "gptq":
+        return state[_module(name) + ".g_idx"].numel()
+    if _kind(state, name) == "lowrank":
+        return state[name + "_lr_a"].shape[1]
+    return state[name].shape[1]
+
+
 class Parallel(nn.Module):
     """Projections that cannot share one matmul (e.g. low-rank q next to dense k, v):
     run each and concatenate, matching the fused layout the model splits."""
@@ -103,6 +163,8 @@ def _dense(w: torch.Tensor, scale: torch.Tensor | None, dtype, kernel: str,
 def _linear(state: dict, name: str, dtype, kernel: str) -> nn.Module:
     """One projection: dense float, int8 (`name` + `name_scale`), or low-rank
     (`name_lr_a` (r, in) and `name_lr_b` (out, r), each float or int8)."""
+    if _kind(state, name) == "gptq":
+        return gptq_linear([module_tensors(state, _module(name))], dtype)
     if _kind(state, name) == "lowrank":
         lr = LowRank(_linear(state, name + "_lr_a", dtype, kernel), _linear(state, name + "_lr_b", dtype, kernel))
         if name + "_sp_val" not in state:
@@ -116,8 +178,14 @@ def _linear(state: dict, name: str, dtype, kernel: str) -> nn.Module:
 
 def _projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
     """Fuse same-kind dense parts into one matmul (rows concatenated; int8 scales are per
-    row, so they concatenate too); otherwise run the parts side by side."""
+    row, so they concatenate too); otherwise run the parts side by side. Adapters wrap the result."""
+    return _adapter(state, names, _base_projection(state, names, dtype, kernel), dtype)
+
+
+def _base_projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
     kinds = {_kind(state, n) for n in names}
+    if kinds == {"gptq"}:
+        return gptq_linear([module_tensors(state, _module(n)) for n in names], dtype)
     if len(names) == 1 or kinds == {"lowrank"} or len(kinds) > 1:
         parts = [_linear(state, n, dtype, kernel) for n in names]
         return parts[0] if len(parts) == 1 else Parallel(parts)
@@ -137,7 +205,10 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     fix the activation dtype to their kernel's contract: bf16 for "weight_only", fp32 for
     "dynamic"."""
     any_int8 = any(k.endswith("_scale") and not k.endswith("_act_scale") for k in state)
-    if any_int8:
+    any_int4 = any(k.endswith(".qweight") for k in state)
+    if any_int4 and (not any_int8 or int8_kernel == "weight_only"):
+        compute = torch.bfloat16  # the CPU int4 kernel's activation dtype
+    elif any_int8:
         # bf16 activations only for the weight-only kernel; W8A8 kernels take fp32 input
         static = any(k.endswith("_act_scale") for k in state)
         compute = torch.bfloat16 if int8_kernel == "weight_only" and not static else torch.float32

@@ -29,7 +29,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An all-fp32 copy of a state dict: int8 tensors (`name` + `name_scale`) dequantized."""
+    """An all-fp32 copy of a state dict: int8 tensors (`name` + `name_scale`) and GPTQ
+    modules (`qweight`/`qzeros`/`scales`/`g_idx`) dequantized to `.weight`."""
+    from .gptq_format import dequantize_gptq_state
+
+    state = dequantize_gptq_state(state)
     return {k: (dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v.float())
             for k, v in state.items() if not k.endswith("_scale")}
 

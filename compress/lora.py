@@ -1,0 +1,173 @@
+"""LoRA recovery fine-tune (Hu et al. 2021) with peft, optionally distilled from the source model.
+
+`lora(r=8, alpha=16, dropout=0.1, targets=attn, steps=100, lr=2e-4, kd=0.0, merge=true)`
+trains rank-r adapters on the selected projections of the model as it stands in the recipe
+(after depth/width pruning, to win back what pruning lost) on the calibration split (never
+the held-out evaluation text), with the base weights frozen:
+
+- loss: next-token cross-entropy, or with kd > 0 the mix (1-kd)·CE + kd·T²·KL(teacher‖student)
+  at temperature T against the unpruned source model's logits (knowledge distillation);
+- merge=true folds W += (alpha/r)·B·A into the weights for serving. If the base is sparse
+  (WANDA), the update is masked to the kept weights (keep_mask=true), so an N:M pattern
+  survives the merge; keep_mask=false densifies the matrices instead;
+- merge=false keeps the adapter: stored as PEFT's adapter_model.safetensors next to the
+  base weights (loadable by peft), and added by the engine at serving time.
+
+The model is trained as a plain transformers model wrapped by peft (what a user of peft
+would do), then the adapters are read back into the recipe's state dict.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .calibration import training_windows
+from .recipes import RecipeError, Step
+
+TARGET_GROUPS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+TARGET_GROUPS["all"] = TARGET_GROUPS["attn"] + TARGET_GROUPS["mlp"]
+
+
+def hf_model_from_state(config: dict, state: dict[str, torch.Tensor]):
+    """A transformers causal LM with this config and (float) state, on the CPU in fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config",)})
+    cfg.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RecipeError(f"lora: state does not match the architecture (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+@dataclass
+class LoRAStep(Step):
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.1
+    targets: str = "attn"  # attn, mlp, all, or projection names joined by '+'
+    steps: int = 100
+    batch: int = 2
+    seq_len: int = 256
+    lr: float = 2e-4
+    kd: float = 0.0  # weight of the distillation term (0 = plain cross-entropy)
+    temperature: float = 2.0  # distillation temperature
+    merge: bool = True  # fold into the weights (True) or keep as an adapter
+    keep_mask: bool = True  # when merging into a sparse base, keep its zeros
+    seed: int = 0
+    stats: dict = field(default_factory=dict, repr=False)
+
+    name = "lora"
+
+    def _targets(self) -> list[str]:
+        names = []
+        for t in self.targets.replace("+", ",").split(","):
+            names += TARGET_GROUPS.get(t.strip(), [t.strip()])
+        unknown = [n for n in names if n not in TARGET_GROUPS["all"]]
+        if unknown:
+            raise RecipeError(f"lora: unknown target {unknown[0]!r}; use attn, mlp, all or projection names")
+        return names
+
+    def _check(self, state):
+        if self.r < 1 or self.steps < 1 or self.batch < 1:
+            raise RecipeError("lora: r, steps and batch must be >= 1")
+        if not 0 <= self.kd <= 1 or not 0 <= self.dropout < 1:
+            raise RecipeError("lora: kd must be in [0, 1] and dropout in [0, 1)")
+        if any(k.endswith(("_scale", ".qweight")) or "_lr_" in k or ".lora_" in k for k in state):
+            raise RecipeError("lora trains on float weights: put it before int8/gptq/svd/eora "
+                              "(e.g. depth -> wanda -> lora -> gptq -> eora)")
+
+    def apply(self, state, ctx):
+        from peft import LoraConfig, get_peft_model
+
+        targets = self._targets()
+        self._check(state)
+        torch.manual_seed(self.seed)
+        config = ctx["config"]
+        float_state = {k: v.float() for k, v in state.items()}
+        model = get_peft_model(hf_model_from_state(config, float_state),
+                               LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                                          target_modules=targets, bias="none"))
+        teacher = None
+        if self.kd > 0:
+            from transformers import AutoModelForCausalLM
+
+            teacher = AutoModelForCausalLM.from_pretrained(str(ctx["model_dir"]), dtype=torch.float32).eval()
+        seqs = training_windows(ctx, self.steps * self.batch, self.seq_len)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        model.train()
+        losses, t0 = [], time.perf_counter()
+        for step in tqdm(range(self.steps), desc="lora", disable=not ctx.get("progress", True)):
+            x = torch.tensor([seqs[(step * self.batch + i) % len(seqs)] for i in range(self.batch)])
+            for g in opt.param_groups:  # short warm-up, then cosine decay
+                warm = min(1.0, (step + 1) / max(1, self.steps // 10))
+                g["lr"] = self.lr * warm * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+            logits = model(input_ids=x).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=x).logits[:, :-1].float()
+                loss = (1 - self.kd) * loss + self.kd * _kd_loss(logits.reshape(-1, logits.shape[-1]),
+                                                                 t_logits.reshape(-1, t_logits.shape[-1]),
+                                                                 self.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+        state = self._collect(model, dict(state))
+        k = max(1, len(losses) // 5)
+        self.stats = {**self.stats, "loss_first": round(sum(losses[:k]) / k, 4),
+                      "loss_last": round(sum(losses[-k:]) / k, 4), "seconds": round(time.perf_counter() - t0, 1),
+                      "tokens": self.steps * self.batch * self.seq_len,
+                      "trainable_params": sum(p.numel() for p in params)}
+        return state
+
+    @torch.no_grad()
+    def _collect(self, model, state: dict) -> dict:
+        """Read every trained adapter back: merged into the weight, or kept (scaling folded into B)."""
+        zeros_before = zeros_after = total = 0
+        for path, module in model.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+                continue
+            mod = path.removeprefix("base_model.model.")
+            a = module.lora_A["default"].weight.detach().float()  # (r, in)
+            b = module.lora_B["default"].weight.detach().float() * module.scaling["default"]  # (out, r)
+            if not self.merge:
+                state[f"{mod}.lora_A.weight"], state[f"{mod}.lora_B.weight"] = a.contiguous(), b.contiguous()
+                continue
+            key = f"{mod}.weight"
+            w = state[key]
+            delta = b @ a
+            zero = w == 0
+            sparse = zero.float().mean().item() > 0.1  # a pruned matrix, not a few exact zeros
+            if self.keep_mask and sparse:
+                delta = delta.masked_fill(zero, 0.0)
+            merged = (w.float() + delta).to(w.dtype)
+            zeros_before += int(zero.sum())
+            zeros_after += int((merged == 0).sum())
+            total += w.numel()
+            state[key] = merged.contiguous()
+        if self.merge:
+            self.stats = {"merged": True, "sparsity_before": round(zeros_before / max(total, 1), 4),
+                          "sparsity_after": round(zeros_after / max(total, 1), 4)}
+        else:
+            self.stats = {"merged": False}
+        return state
