@@ -98,8 +98,8 @@ def cmd_eval(a) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, manifest = load_engine_model(Path(a.artifact), max_len=max(a.seq_len + 1, a.prefill_tokens + a.decode_tokens + 1),
-                                        int8_kernel=a.int8_kernel)
+    need = max(a.seq_len + 1, a.prefill_tokens + a.decode_tokens + 1, 1024 if a.qa else 0)  # open-book prompts
+    model, manifest = load_engine_model(Path(a.artifact), max_len=need, int8_kernel=a.int8_kernel)
     tok = AutoTokenizer.from_pretrained(a.artifact)
     cfg = EvalConfig(seq_len=a.seq_len, max_tokens=a.max_tokens, prefill_tokens=a.prefill_tokens,
                      decode_tokens=a.decode_tokens, repeats=a.repeats)
@@ -123,29 +123,34 @@ def cmd_eval(a) -> None:
 
 
 def cmd_inspect(a) -> None:
-    from safetensors import safe_open
-
-    from .artifact import WEIGHTS, read_manifest, verify
+    from .artifact import read_manifest, verify
 
     root = Path(a.artifact)
     m = verify(root) if a.verify else read_manifest(root)
     dtypes: Counter = Counter()
     modules: dict = {}  # projection kind -> {"form": Counter, "params": n, "zeros": n}
-    with safe_open(str(root / WEIGHTS), "pt") as f:
-        keys = list(f.keys())
-        for k in keys:
-            t = f.get_tensor(k)
-            dtypes[str(t.dtype).replace("torch.", "")] += t.numel()
-            if k.endswith("_scale"):
-                continue
-            kind = _module_kind(k)
-            entry = modules.setdefault(kind, {"form": Counter(), "params": 0, "zeros": 0})
-            form = "int8" if k + "_scale" in keys else str(t.dtype).replace("torch.", "")
-            if "_lr_" in k:
-                form = f"low-rank r={min(t.shape)} {form}"
-            entry["form"][form] += 1
-            entry["params"] += t.numel()
-            entry["zeros"] += int((t == 0).sum())
+    from server.engine.gptq_format import bits_of, dequantize_gptq, module_tensors
+
+    from .artifact import load_state
+
+    state = load_state(root)  # base weights and the adapter file, if any
+    for k, t in state.items():
+        dtypes[str(t.dtype).replace("torch.", "")] += t.numel()
+        if k.endswith(("_scale", ".qzeros", ".scales", ".g_idx")):
+            continue
+        kind = _module_kind(k)
+        entry = modules.setdefault(kind, {"form": Counter(), "params": 0, "zeros": 0})
+        form = "int8" if k + "_scale" in state else str(t.dtype).replace("torch.", "")
+        if "_lr_" in k:
+            form = f"low-rank r={min(t.shape)} {form}"
+        if ".lora_" in k:
+            form = f"adapter r={min(t.shape)} {form}"
+        if k.endswith(".qweight"):
+            gq = module_tensors(state, k[: -len(".qweight")])
+            form, t = f"gptq int{bits_of(gq)}", dequantize_gptq(gq, bits_of(gq))
+        entry["form"][form] += 1
+        entry["params"] += t.numel()
+        entry["zeros"] += int((t == 0).sum())
     print(f"artifact   {root}")
     print(f"source     {m['source'].get('name') or m['source'].get('model_dir')} "
           f"({m['source'].get('distribution', '')} {m['source'].get('version') or ''})".rstrip())

@@ -144,13 +144,15 @@ def split_adapter(state: dict) -> tuple[dict, dict]:
     return {k: v for k, v in state.items() if k not in adapter}, adapter
 
 
-def write_peft_adapter(root: Path, adapter: dict) -> None:
-    """Adapter tensors as PEFT's LoRA files. The scaling is already folded into B, so every
-    module gets lora_alpha = its rank (scaling 1); ranks may differ per module (rank_pattern)."""
+def write_peft_adapter(root: Path, adapter: dict, dtype: str = "float32") -> None:
+    """Adapter tensors as PEFT's LoRA files, in the artifact's float dtype. The scaling is
+    already folded into B, so every module gets lora_alpha = its rank (scaling 1); ranks may
+    differ per module (rank_pattern)."""
+    import torch
     from safetensors.torch import save_file
 
-    save_file({_PEFT_PREFIX + k: v.contiguous().float() for k, v in adapter.items()}, str(Path(root) / ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
+    save_file({_PEFT_PREFIX + k: v.to(getattr(torch, dtype)).contiguous() for k, v in adapter.items()},
+              str(Path(root) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in adapter.items() if k.endswith(".lora_A.weight")}
     r = max(ranks.values())
     pattern = {m: n for m, n in ranks.items() if n != r}

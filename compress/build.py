@@ -56,7 +56,7 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
     def fill(tmp: Path) -> dict:
         save_file({k: v.contiguous() for k, v in base.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if adapter:
-            write_peft_adapter(tmp, adapter)
+            write_peft_adapter(tmp, adapter, float_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for f in model_dir.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP and f.name != "config.json":

@@ -24,17 +24,21 @@ import torch
 
 from server.engine.quant import dequantize_state
 
-from .calibration import calibration_stat
+from .calibration import calibration_stat, engine_module_for
 from .recipes import RecipeError, Step
 
 
-@torch.no_grad()
-def eora_factors(delta: torch.Tensor, gram: torch.Tensor, rank: int, eps: float = 1e-6
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r, in), B (out, r)) with B A ≈ delta in the activation-weighted norm."""
+def eigenspace(gram: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ^½, Q) of XᵀX = Q Λ Qᵀ; near-null directions are bounded below, not inverted to infinity."""
     lam, q = torch.linalg.eigh(gram.double())
-    lam = lam.clamp(min=eps * lam.max().item())  # near-null directions: bounded, not inverted to infinity
-    sqrt_lam = lam.sqrt()
+    return lam.clamp(min=eps * lam.max().item()).sqrt(), q
+
+
+@torch.no_grad()
+def eora_factors(delta: torch.Tensor, gram: torch.Tensor, rank: int,
+                 eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r)) with B A ≈ delta in the activation-weighted norm."""
+    sqrt_lam, q = eig or eigenspace(gram)
     u, s, vh = torch.linalg.svd(delta.double() @ (q * sqrt_lam), full_matrices=False)
     r = min(rank, s.numel())
     b = u[:, :r] * s[:r]
@@ -65,10 +69,14 @@ class EoRAStep(Step):
                                    if k.startswith("model.layers.") and ".lora_" not in k})
         before = after = 0.0
         state = dict(state)
+        eig: dict[str, tuple] = {}  # q/k/v (and gate/up) share one input, so one eigendecomposition
         for n in names:
             w, g = reference[n].float(), grams[n].double()
             delta = w - served[n]
-            a, b = eora_factors(delta, g, self.rank)
+            shared = engine_module_for(n)
+            if shared not in eig:
+                eig[shared] = eigenspace(g)
+            a, b = eora_factors(delta, g, self.rank, eig[shared])
             mod = n[: -len(".weight")]
             state[f"{mod}.lora_A.weight"], state[f"{mod}.lora_B.weight"] = a, b
             # activation-weighted error tr(Δ G Δᵀ) before and after the correction

@@ -54,17 +54,22 @@ def _group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: int = 128, desc_act: bool = False,
-                  sym: bool = True, damp: float = 0.01, block: int = 128) -> dict:
+                  sym: bool = True, damp: float = 0.01, block: int = 128, keep: torch.Tensor | None = None) -> dict:
     """Quantize w (out, in) given the Hessian h (in, in). Returns codes (out, in), zeros and
-    scales (groups, out), g_idx (in,), the dequantized weight and the GPTQ loss Σ(w-q)²/d²/2."""
+    scales (groups, out), g_idx (in,), the dequantized weight and the GPTQ loss Σ(w-q)²/d²/2.
+
+    keep (out, in) bool: a sparsity mask to preserve (WANDA's N:M zeros); the error feedback
+    only lands on kept weights, and a weight held at 0 quantizes to exactly 0 (its code is
+    the zero point), as SparseGPT keeps its mask through quantization."""
     w, h = w.clone().float(), h.clone().float()
+    keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.clone()
     out_f, n = w.shape
     maxq = 2**bits - 1
     dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
     perm = torch.argsort(torch.diag(h), descending=True) if desc_act else torch.arange(n)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     gs = group_size if group_size > 0 else n
@@ -88,8 +93,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: i
             loss += ((x - dq) ** 2).sum().double() / d.double() ** 2 / 2
             e = (x - dq) / d
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            w1[:, i + 1:] *= keep[:, col + 1:i2]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:] *= keep[:, i2:]
     inv = torch.argsort(perm)
     g_idx = (torch.arange(n) // gs)[inv]
     return {"codes": codes[:, inv], "zeros": torch.stack(zeros), "scales": torch.stack(scales), "g_idx": g_idx,
@@ -107,6 +114,7 @@ class GPTQStep(Step):
     calib_seq_len: int = 256
     dtype: str = "bfloat16"  # storage of the unquantized tensors (embedding, norms): bfloat16 or float16
     embed: str = "keep"  # "keep" (in `dtype`, HF-loadable) or "int8" (engine only, smaller)
+    keep_mask: bool = True  # a pruned (>10% zeros) matrix keeps its zeros through quantization
     stats: dict = field(default_factory=dict, repr=False)
 
     name = "gptq"
@@ -136,6 +144,7 @@ class GPTQStep(Step):
         x = model.embed(ids).float()
         per_layer = model.layer_inputs(0, ids.shape[1], ids.device)
         reference, losses = {}, {}
+        zeros_after = total = 0
         for layer, (block, (cos, sin, mask)) in enumerate(tqdm(list(zip(model.layers, per_layer)), desc="gptq",
                                                                 disable=not ctx.get("progress", True))):
             for path, projs in FUSED_PROJECTIONS.items():
@@ -154,7 +163,11 @@ class GPTQStep(Step):
                     name = f"model.layers.{layer}.{p}"
                     w = state.pop(f"{name}.weight")
                     reference[f"{name}.weight"] = w
-                    r = gptq_quantize(w, h, self.bits, self.group_size, self.desc_act, self.sym, self.damp)
+                    zero = w == 0
+                    keep = ~zero if self.keep_mask and zero.float().mean() > 0.1 else None
+                    r = gptq_quantize(w, h, self.bits, self.group_size, self.desc_act, self.sym, self.damp, keep=keep)
+                    zeros_after += int((r["weight"] == 0).sum())
+                    total += w.numel()
                     for suffix, t in pack_gptq(r["codes"], r["zeros"], r["scales"], r["g_idx"], self.bits).items():
                         state[f"{name}.{suffix}"] = t
                     losses[f"{name}"] = r["loss"]
@@ -169,8 +182,8 @@ class GPTQStep(Step):
             "sym": self.sym, "damp_percent": self.damp, "true_sequential": True, "static_groups": False,
             "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
             "meta": {"quantizer": ["hybrid-llm compress.gptq (CPU)"]}}
-        total = sum(losses.values())
-        self.stats = {"quantized_matrices": len(losses), "gptq_loss_total": round(total, 4),
+        self.stats = {"quantized_matrices": len(losses), "gptq_loss_total": round(sum(losses.values()), 4),
+                      "sparsity": round(zeros_after / max(total, 1), 4),
                       "worst": sorted(((round(v, 4), k) for k, v in losses.items()), reverse=True)[:3]}
         return state
 

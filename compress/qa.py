@@ -12,7 +12,8 @@ generator draws questions:
   others'>\\nQuestion: ...\\nAnswer:"; the answer is in the context, next to distractors.
 
 The contexts are written from the table with one sentence template (so they are not
-human-written prose: that is the cost of having no hub). Scoring, on the first line of the
+human-written prose: that is the cost of having no hub). A model with a chat template (an
+instruct model) gets the prompt as its user message; a base model continues the raw text. Scoring, on the first line of the
 greedy completion (1-50 new tokens, default 16): normalized exact match, else the gold
 answer as a substring, else >= 80% of the gold answer's words present (fuzzy); a question
 counts as correct at the first level that matches, and each level is reported.
@@ -109,10 +110,20 @@ def match_level(prediction: str, gold: str) -> str | None:
     return None
 
 
+def encode(tokenizer, prompt: str, add_bos: bool) -> list[int]:
+    """A chat model gets the prompt as its user turn (instruct models answer a bare
+    "Answer:" with an end-of-turn token); a base model continues the raw text."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=add_bos)["input_ids"]
+
+
 @torch.inference_mode()
 def answer(model, tokenizer, prompt: str, max_new_tokens: int, add_bos: bool) -> str:
-    """Greedy completion up to the first newline (or EOS, or max_new_tokens)."""
-    ids = tokenizer(prompt, add_special_tokens=add_bos)["input_ids"]
+    """Greedy completion up to the end of its first line (or EOS, or max_new_tokens)."""
+    ids = encode(tokenizer, prompt, add_bos)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     out: list[int] = []
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)

@@ -131,3 +131,46 @@ def test_gptq_then_eora_reduces_the_weighted_error(llama_dir, tmp_path):
 def test_bad_gptq_recipes_are_refused(llama_dir, tmp_path, recipe, match):
     with pytest.raises(RecipeError, match=match):
         build_artifact(llama_dir, tmp_path / "bad", recipe)
+
+
+def test_gptq_keeps_a_sparsity_mask():
+    w = torch.randn(32, 64, generator=G)
+    keep = torch.rand(32, 64, generator=G) > 0.5
+    w = w * keep
+    x = _correlated_inputs(64, 512)
+    r = gptq_quantize(w, 2 * x.T @ x / 512, group_size=32, keep=keep)
+    assert (r["weight"][~keep] == 0).all()
+    assert (r["weight"][keep] != 0).float().mean() > 0.8  # kept weights are mostly non-zero codes
+    unmasked = gptq_quantize(w, 2 * x.T @ x / 512, group_size=32)
+    assert (unmasked["weight"][~keep] != 0).any()  # without the mask the error feedback fills the holes
+
+
+def test_wanda_2_4_then_gptq_artifact_stays_2_4_sparse(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "wg", "wanda(pattern=2:4,calib_samples=2,calib_seq_len=32),"
+                                                      "gptq(group_size=32,calib_samples=2,calib_seq_len=32)")
+    r = json.loads((art / "manifest.json").read_text())["steps"][1]["result"]
+    assert r["sparsity"] >= 0.5
+    w = dequantize_state(load_state(art))["model.layers.0.mlp.down_proj.weight"]
+    assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def test_server_streams_a_gptq_eora_artifact_through_the_openai_client(llama_dir, tmp_path):
+    from openai import OpenAI
+
+    from server.config import ServerConfig
+    from tests.conftest import LiveServer
+
+    art = build_artifact(llama_dir, tmp_path / "tiny-gptq", "gptq(group_size=32,calib_samples=2,calib_seq_len=32),"
+                                                            "eora(rank=4,calib_samples=2,calib_seq_len=32)")
+    srv = LiveServer(ServerConfig(artifacts=[str(art)], max_model_len=64)).wait()
+    try:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": "Paris is the capital of"}]
+        body = client.chat.completions.create(model="tiny-gptq", messages=msgs, max_tokens=6, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        chunks = client.chat.completions.create(model="tiny-gptq", messages=msgs, max_tokens=6, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert body.usage.completion_tokens == 6 and streamed == body.choices[0].message.content
+    finally:
+        srv.close()
