@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LORA = "lora(steps=150,batch=2,seq_len=256,lr=2e-4,targets=all)"
+LORA = "lora(steps=100,batch=2,seq_len=256,lr=2e-4,targets=all)"
 # row -> recipe. "lora-control" fine-tunes the unpruned model the same way: calibration and
 # held-out text share a domain (CPython docs), so it separates recovery from domain adaptation.
 ROWS = {

@@ -70,6 +70,7 @@ class LoRAStep(Step):
     temperature: float = 2.0  # distillation temperature
     merge: bool = True  # fold into the weights (True) or keep as an adapter
     keep_mask: bool = True  # when merging into a sparse base, keep its zeros
+    precision: str = "auto"  # "auto" (bf16 autocast where the CPU runs bf16 natively), "bf16" or "fp32"
     seed: int = 0
     stats: dict = field(default_factory=dict, repr=False)
 
@@ -87,6 +88,8 @@ class LoRAStep(Step):
     def _check(self, state):
         if self.r < 1 or self.steps < 1 or self.batch < 1:
             raise RecipeError("lora: r, steps and batch must be >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise RecipeError("lora: precision must be auto, bf16 or fp32")
         if not 0 <= self.kd <= 1 or not 0 <= self.dropout < 1:
             raise RecipeError("lora: kd must be in [0, 1] and dropout in [0, 1)")
         if any(k.endswith(("_scale", ".qweight")) or "_lr_" in k or ".lora_" in k for k in state):
@@ -95,6 +98,8 @@ class LoRAStep(Step):
 
     def apply(self, state, ctx):
         from peft import LoraConfig, get_peft_model
+
+        from memory_model.train import autocast
 
         targets = self._targets()
         self._check(state)
@@ -119,11 +124,13 @@ class LoRAStep(Step):
             for g in opt.param_groups:  # short warm-up, then cosine decay
                 warm = min(1.0, (step + 1) / max(1, self.steps // 10))
                 g["lr"] = self.lr * warm * 0.5 * (1 + math.cos(math.pi * step / self.steps))
-            logits = model(input_ids=x).logits[:, :-1].float()
+            with autocast(torch.device("cpu"), self.precision):
+                logits = model(input_ids=x).logits[:, :-1].float()
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=x).logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
             if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=x).logits[:, :-1].float()
                 loss = (1 - self.kd) * loss + self.kd * _kd_loss(logits.reshape(-1, logits.shape[-1]),
                                                                  t_logits.reshape(-1, t_logits.shape[-1]),
                                                                  self.temperature)
