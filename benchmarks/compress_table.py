@@ -3,10 +3,12 @@
 Run:
     python benchmarks/compress_table.py --source smollm2-135m-instruct        # ~1 h on 2 CPU cores
     python benchmarks/compress_table.py --source gemma3-270m --rows base,int8,gptq,gptq-eora
+    python benchmarks/compress_table.py --source gemma3-270m --speed-only      # re-time the rows back to back
     python benchmarks/compress_table.py --plot-only                            # redraw the PNG from results/
 Builds every missing artifact under artifacts/<source>-<row>, evaluates it with the serving
 engine (`python -m compress eval --qa`: held-out perplexity, closed/open-book QA accuracy,
-decode tok/s) and prints one markdown table; results go to results/compress_table_<source>.json
+decode tok/s), then re-times every row back to back in one speed pass (so speeds compare
+side by side) and prints one markdown table; results go to results/compress_table_<source>.json
 and the size-vs-perplexity Pareto plot of every source measured so far to
 results/compress_pareto.png.
 """
@@ -24,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LORA = "lora(steps=100,batch=2,seq_len=256,lr=2e-4,targets=all)"
+LORA = "lora(steps={lora_steps},batch=2,seq_len=256,lr=2e-4,targets=all)"
 # row -> recipe. "lora-control" fine-tunes the unpruned model the same way: calibration and
 # held-out text share a domain (CPython docs), so it separates recovery from domain adaptation.
 ROWS = {
@@ -32,6 +34,7 @@ ROWS = {
     "int8": "int8",
     "gptq": "gptq(bits=4,group_size=128)",
     "gptq-eora": "gptq(bits=4,group_size=128),eora(rank=32)",
+    "gptq-g32": "gptq(bits=4,group_size=32,sym=false)",
     "depth": "depth(n={depth},metric=ppl)",
     "depth-lora": "depth(n={depth},metric=ppl)," + LORA,
     "wanda": "wanda(pattern=2:4)",
@@ -40,6 +43,8 @@ ROWS = {
     "pipeline": "depth(n={depth},metric=ppl),wanda(pattern=2:4)," + LORA + ",gptq(bits=4,group_size=128),eora(rank=32)",
 }
 DEPTH = {"smollm2-135m-instruct": 4, "gemma3-270m": 2}
+# LoRA steps: Gemma's 262k-entry vocabulary makes a step ~2.5x dearer on 2 CPU cores
+LORA_STEPS = {"smollm2-135m-instruct": 100, "gemma3-270m": 60}
 
 
 def run_row(source: str, row: str, recipe: str, qa_n: int, force: bool) -> dict:
@@ -68,14 +73,36 @@ def run_row(source: str, row: str, recipe: str, qa_n: int, force: bool) -> dict:
             "steps": [s.get("result") for s in m["steps"]]}
 
 
+def speed_pass(rows: list[dict], repeats: int) -> None:
+    """Re-measure prefill/decode speed of every row back to back in one process, so the
+    speeds in the table are comparable (same machine state, nothing else running)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from compress.artifact import load_engine_model
+    from compress.data import heldout_text
+    from compress.evaluate import latency
+
+    for r in rows:
+        art = ROOT / r["artifact"]
+        model, _ = load_engine_model(art, max_len=512)
+        ids = AutoTokenizer.from_pretrained(str(art))(heldout_text(), add_special_tokens=False)["input_ids"][:256]
+        lat = latency(model, ids, decode_tokens=64, repeats=repeats)
+        r["decode_tok_s"], r["prefill_tok_s"], r["threads"] = lat["decode_tok_s"], lat["prefill_tok_s"], lat["threads"]
+        r["speed"] = f"speed pass: 256-token prompt, 64 decoded, median of {repeats}, {torch.get_num_threads()} threads"
+        print(f"{r['row']:14s} prefill {r['prefill_tok_s']:7.1f} tok/s  decode {r['decode_tok_s']:5.1f} tok/s")
+        del model
+
+
 def table(rows: list[dict]) -> str:
     base = rows[0]
     lines = ["| row | recipe | layers | params | zeros | size MB | perplexity | QA closed | QA open | decode tok/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        zeros = "" if r["sparsity"] is None else f"{r['sparsity'] * 100:.0f}%"
         lines.append(
             f"| {r['row']} | `{r['recipe']}` | {r['layers']} | {r['n_params'] / 1e6:.1f}M | "
-            f"{'' if r['sparsity'] is None else f'{r['sparsity'] * 100:.0f}%'} | {r['size_bytes'] / 1e6:.0f} | "
+            f"{zeros} | {r['size_bytes'] / 1e6:.0f} | "
             f"{r['perplexity']:.2f} ({(r['perplexity'] / base['perplexity'] - 1) * 100:+.0f}%) | "
             f"{r['qa_closed'] * 100:.0f}% | {r['qa_open'] * 100:.0f}% | {r['decode_tok_s']:.1f} |")
     return "\n".join(lines)
@@ -121,16 +148,26 @@ def main() -> None:
     p.add_argument("--qa-n", type=int, default=50, help="questions per QA kind")
     p.add_argument("--force", action="store_true", help="rebuild and re-evaluate every row")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--speed-only", action="store_true",
+                   help="re-measure the speeds of the rows in results/ back to back, then print the table")
+    p.add_argument("--repeats", type=int, default=5, help="speed pass repeats (median)")
     a = p.parse_args()
     out_png = ROOT / "results" / "compress_pareto.png"
+    res = ROOT / "results" / f"compress_table_{a.source}.json"
     if a.plot_only:
         return plot(out_png)
+    if a.speed_only:
+        data = json.loads(res.read_text())
+        speed_pass(data["rows"], a.repeats)
+        res.write_text(json.dumps(data, indent=2) + "\n")
+        print(table(data["rows"]))
+        return None
     unknown = [r for r in a.rows.split(",") if r not in ROWS]
     if unknown:
         raise SystemExit(f"error: unknown row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
-    rows = [run_row(a.source, r, ROWS[r].format(depth=DEPTH.get(a.source, 4)), a.qa_n, a.force)
-            for r in a.rows.split(",")]
-    res = ROOT / "results" / f"compress_table_{a.source}.json"
+    fmt = {"depth": DEPTH.get(a.source, 4), "lora_steps": LORA_STEPS.get(a.source, 100)}
+    rows = [run_row(a.source, r, ROWS[r].format(**fmt), a.qa_n, a.force) for r in a.rows.split(",")]
+    speed_pass(rows, a.repeats)
     res.write_text(json.dumps({"source": a.source, "qa_n": a.qa_n, "rows": rows}, indent=2) + "\n")
     print(table(rows))
     plot(out_png)

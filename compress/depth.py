@@ -112,6 +112,8 @@ def remove_blocks(state: dict[str, torch.Tensor], config: dict, remove: set[int]
     config["num_hidden_layers"] = len(keep)
     if types is not None:
         config["layer_types"] = [types[i] for i in keep]
+    if config.get("chai_representatives"):  # CHAI clusters belong to their blocks
+        config["chai_representatives"] = [config["chai_representatives"][i] for i in keep]
     for key in ("max_window_layers",):  # Qwen-style per-depth settings would need remapping
         if key in config:
             raise RecipeError(f"depth: config field {key!r} depends on depth and is not remapped")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import WEIGHTS, load_state, read_manifest, verify, write_artifact
+from .artifact import WEIGHTS, ArtifactError, load_state, read_manifest, verify, write_artifact
 
 ONNX_FILE = "model.onnx"
 
@@ -62,6 +62,9 @@ def export_onnx(src: Path, out: Path, int8: bool = False, opset: int = 18, force
     manifest = verify(src)
     config = json.loads((src / "config.json").read_text())
     args = ModelArgs.from_hf_config(config)
+    if args.chai:
+        raise ArtifactError("CHAI artifacts keep per-layer head layouts the ONNX graph does not model; "
+                            "serve them with the torch engine")
     model = build_model(args, dequantize_state(load_state(src)), max_len=min(args.max_position_embeddings, 8192))
     for block in model.layers:
         block.attn.repeat_kv = True

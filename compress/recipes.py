@@ -108,6 +108,7 @@ class Int8StaticStep(Int8Step):
 
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
+    from .chai import ChaiStep
     from .depth import DepthPruneStep
     from .eora import EoRAStep
     from .gptq import GPTQStep
@@ -134,11 +135,12 @@ def _registry() -> dict:
         "lora": LoRAStep,
         "gptq": GPTQStep,
         "eora": EoRAStep,
+        "chai": ChaiStep,
     }
 
 
 STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "depth", "wanda",
-              "smooth", "qat", "lora", "gptq", "eora"]
+              "smooth", "qat", "lora", "gptq", "eora", "chai"]
 
 
 def _split_top(text: str) -> list[str]:

@@ -93,3 +93,28 @@ def test_int8_then_eora_is_served_with_the_adapter(llama_dir, tmp_path):
 def test_bad_lora_recipes_are_refused(llama_dir, tmp_path, recipe, match):
     with pytest.raises(RecipeError, match=match):
         build_artifact(llama_dir, tmp_path / "bad", recipe)
+
+
+def test_fused_projection_adds_each_parts_adapter_and_none_where_missing():
+    import torch.nn as nn
+
+    from server.engine.loader import _adapter
+
+    p = "model.layers.0.self_attn."
+    state = {p + "q_proj.weight": torch.randn(8, 4, generator=G), p + "k_proj.weight": torch.randn(2, 4, generator=G),
+             p + "v_proj.weight": torch.randn(2, 4, generator=G)}
+    for proj, out_f in (("q_proj", 8), ("v_proj", 2)):  # k_proj has no adapter
+        state[f"{p}{proj}.lora_A.weight"] = torch.randn(3, 4, generator=G)
+        state[f"{p}{proj}.lora_B.weight"] = torch.randn(out_f, 3, generator=G)
+    names = [p + f"{x}_proj.weight" for x in "qkv"]
+    base = nn.Linear(4, 12, bias=False)
+    base.weight.data = torch.cat([state[n] for n in names])
+    fused = _adapter(state, names, base, torch.float32)
+
+    def eff(proj):
+        w = state[f"{p}{proj}.weight"]
+        return w + state[f"{p}{proj}.lora_B.weight"] @ state[f"{p}{proj}.lora_A.weight"] \
+            if f"{p}{proj}.lora_A.weight" in state else w
+    x = torch.randn(2, 4, generator=G)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([x @ eff(f"{c}_proj").T for c in "qkv"], dim=-1))

@@ -37,6 +37,9 @@ class ModelArgs:
     attn_scale: float | None = None  # None = head_dim ** -0.5
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # CHAI clustered-head attention: per layer, the representative query head of each head
+    # (empty list = plain attention in that layer). See model.ChaiLayout.
+    chai: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.rope_theta:
@@ -49,6 +52,11 @@ class ModelArgs:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.attn_scale is None:
             self.attn_scale = self.head_dim**-0.5
+        if self.chai and len(self.chai) != self.n_layers:
+            raise ValueError("chai needs one entry per layer (an empty list for plain attention)")
+        for reps in self.chai:
+            if reps and (len(reps) != self.n_heads or any(reps[r] != r for r in reps)):
+                raise ValueError("chai: each layer maps every query head to a representative that maps to itself")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +85,7 @@ class ModelArgs:
             tie_embeddings=cfg.get("tie_word_embeddings", True),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            chai=[list(r) for r in cfg.get("chai_representatives") or []],
         )
         if model_type == "llama":
             rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}

@@ -13,10 +13,15 @@ import torch
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 k_heads: list[int] | None = None):
+        """k_heads: per layer, how many key heads are cached (CHAI keeps keys only for the KV
+        groups its representative heads read); values always keep n_kv_heads."""
+        k_heads = k_heads or [n_kv_heads] * n_layers
+        self.k = [torch.zeros((batch, k_heads[i], max_len, head_dim), dtype=dtype, device=device)
+                  for i in range(n_layers)]
+        self.v = [torch.zeros((batch, n_kv_heads, max_len, head_dim), dtype=dtype, device=device)
+                  for _ in range(n_layers)]
         self.max_len = max_len
         self.batch = batch
         self.pos = 0

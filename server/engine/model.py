@@ -43,12 +43,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class ChaiLayout:
+    """The heads a CHAI layer (Clustered Head Attention) keeps. `rep[h]` is the representative
+    query head of head h's cluster; only representatives compute attention scores, every head
+    applies its representative's scores to its own value head. So the layer stores query rows
+    only for the representatives, key rows (and key cache) only for the KV groups they read,
+    and all value heads. GQA: query heads are clustered; a key group no representative reads
+    is dropped whole."""
+
+    def __init__(self, rep: list[int], n_heads: int, n_kv: int):
+        self.per = n_heads // n_kv  # query heads per KV group
+        self.reps = sorted(set(rep))
+        self.k_groups = sorted({r // self.per for r in self.reps})
+        # representatives sorted by head index are sorted by KV group: each key group's
+        # representatives are one contiguous span of the query rows
+        self.q_spans = [(min(i for i, r in enumerate(self.reps) if r // self.per == g),
+                         max(i for i, r in enumerate(self.reps) if r // self.per == g) + 1) for g in self.k_groups]
+        # a list, not a tensor: models are built on the meta device, where a tensor would hold no values
+        self.head_rep = [self.reps.index(rep[h]) for h in range(n_heads)]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.chai = ChaiLayout(args.chai[layer], args.n_heads, args.n_kv_heads) \
+            if args.chai and args.chai[layer] else None
+        self.q_heads = len(self.chai.reps) if self.chai else args.n_heads
+        self.k_heads = len(self.chai.k_groups) if self.chai else args.n_kv_heads
+        self.wqkv = nn.Linear(args.dim, (self.q_heads + self.k_heads + args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.scale = args.attn_scale
         self.repeat_kv = False  # set for ONNX export: expand KV heads instead of SDPA's enable_gqa
@@ -58,28 +82,56 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def project(self, x, cos, sin):
+        """q (B, q_heads, T, hd), k (B, k_heads, T, hd), v (B, nkv, T, hd): normed, RoPE'd, in
+        the attention dtype (fp32 on CPU, where bf16 SDPA measured ~6x slower for single-token
+        decode; RoPE tables arrive in that dtype)."""
         b, t, _ = x.shape
-        qkv = self.wqkv(x)
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = self.wqkv(x).split([self.q_heads * self.hd, self.k_heads * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(b, t, self.q_heads, self.hd).transpose(1, 2)
+        k = k.view(b, t, self.k_heads, self.hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # Attention math runs in the cache dtype (fp32 on CPU, where bf16 SDPA measured ~6x
-        # slower for single-token decode); RoPE tables arrive in that dtype too.
         adt = cos.dtype
         q, k, v = q.to(adt), k.to(adt), v.to(adt)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def head_probs(self, x, cos, sin, mask) -> torch.Tensor:
+        """Attention probabilities of every query head (B, nh, T, T), no cache: what CHAI
+        clusters on."""
+        q, k, _ = self.project(x, cos, sin)
+        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.n_kv != self.n_heads and self.repeat_kv:  # exporters lack SDPA's enable_gqa
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                           enable_gqa=self.n_kv != self.n_heads and not self.repeat_kv)
+        if self.chai is not None:
+            y = self._clustered(q, k, v, mask)
+        else:
+            if self.n_kv != self.n_heads and self.repeat_kv:  # exporters lack SDPA's enable_gqa
+                k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_heads and not self.repeat_kv)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd).to(x.dtype))
+
+    def _clustered(self, q, k, v, mask):
+        """CHAI: scores for the representatives only, each against its own key group (a view,
+        no copy of the cache); every head then takes its representative's probabilities to its
+        own value head. (B, nh, T, hd)."""
+        c = self.chai
+        scores = torch.cat([q[:, a:b] @ k[:, j:j + 1].transpose(-1, -2) for j, (a, b) in enumerate(c.q_spans)],
+                           dim=1) * self.scale  # (B, n_reps, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1)
+        return torch.cat([probs[:, c.head_rep[g * c.per:(g + 1) * c.per]] @ v[:, g:g + 1] for g in range(self.n_kv)],
+                         dim=1)
 
 
 class MLP(nn.Module):
@@ -145,11 +197,13 @@ class Transformer(nn.Module):
         if max_len > self.max_len:
             raise ValueError(f"cache length {max_len} exceeds the model's max_len {self.max_len}")
         a = self.args
-        return KVCache(a.n_layers, batch, a.n_kv_heads, max_len, a.head_dim, self.attn_dtype, self.device)
+        return KVCache(a.n_layers, batch, a.n_kv_heads, max_len, a.head_dim, self.attn_dtype, self.device,
+                       k_heads=[blk.attn.k_heads for blk in self.layers])
 
     def kv_bytes_per_token(self) -> int:
         a = self.args
-        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * torch.finfo(self.attn_dtype).bits // 8
+        heads = sum(blk.attn.k_heads for blk in self.layers) + a.n_layers * a.n_kv_heads
+        return heads * a.head_dim * torch.finfo(self.attn_dtype).bits // 8
 
     @property
     def attn_dtype(self) -> torch.dtype:

@@ -1,0 +1,144 @@
+"""CHAI: Clustered Head Attention (Agarwal et al. 2024), the offline (static) variant.
+
+`chai(samples=4, seq_len=128, layers=all, min_layer=0)` runs calibration text through the
+model block by block, takes every query head's attention probabilities (B, T, T) as its
+feature, and per layer clusters the heads with k-means for every k in 1..n_heads. The
+number of clusters is the elbow (knee) of the inertia curve: the k farthest below the chord
+from k=1 to k=n_heads (Kneedle). Each cluster's representative is the member closest to its
+centroid.
+
+At serving (server/engine/model.py `ChaiLayout`) only representatives compute attention
+scores; all heads of a cluster reuse them with their own value heads. The artifact keeps
+query rows only for representatives, and key rows (and key cache) only for the KV groups a
+representative reads. Grouped-query attention: query heads are clustered (SmolLM2-135M:
+9 query heads over 3 KV groups; Gemma-3-270M: 4 over 1), so keys shrink only where a whole
+KV group loses all its representatives; with one KV group (Gemma-3-270M) CHAI removes
+query rows and score work, never key cache. The config records the clusters under
+`chai_representatives`; such artifacts are served by this engine only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.config import ModelArgs
+from server.engine.loader import build_model
+
+from .calibration import step_calibration_ids
+from .prune import _layer_set
+from .recipes import RecipeError, Step
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50, restarts: int = 4
+           ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(labels (n,), centroids (k, d), inertia) of k-means with k-means++ seeding; best of restarts."""
+    g = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(restarts):
+        cent = x[torch.randint(len(x), (1,), generator=g)]
+        while len(cent) < k:  # k-means++: next centre drawn proportionally to squared distance
+            d = torch.cdist(x, cent).min(dim=1).values ** 2
+            nxt = torch.multinomial(d / d.sum(), 1, generator=g) if d.sum() > 0 else torch.tensor([len(cent)])
+            cent = torch.cat([cent, x[nxt]])
+        for _ in range(iters):
+            labels = torch.cdist(x, cent).argmin(dim=1)
+            new = torch.stack([x[labels == j].mean(0) if (labels == j).any() else cent[j] for j in range(k)])
+            if torch.allclose(new, cent):
+                break
+            cent = new
+        labels = torch.cdist(x, cent).argmin(dim=1)
+        inertia = float(((x - cent[labels]) ** 2).sum())
+        if best is None or inertia < best[2]:
+            best = (labels, cent, inertia)
+    return best
+
+
+def elbow(inertias: list[float]) -> int:
+    """Kneedle on a decreasing curve over k = 1..n: the k (1-based) whose normalized inertia
+    lies farthest below the straight line between the first and last point."""
+    n = len(inertias)
+    if n <= 2 or inertias[0] <= inertias[-1]:
+        return n if inertias[0] > inertias[-1] else 1
+    lo, hi = inertias[-1], inertias[0]
+    gaps = [(1 - i / (n - 1)) - (y - lo) / (hi - lo) for i, y in enumerate(inertias)]
+    return max(range(n), key=lambda i: gaps[i]) + 1
+
+
+def cluster_heads(features: torch.Tensor, max_k: int | None = None, seed: int = 0) -> tuple[list[int], list[float]]:
+    """features (n_heads, d) -> (representative of each head, inertia for k = 1..max_k)."""
+    n = features.shape[0]
+    max_k = min(max_k or n, n)
+    runs = [kmeans(features, k, seed) for k in range(1, max_k + 1)]
+    inertias = [r[2] for r in runs]
+    labels, cent, _ = runs[elbow(inertias) - 1]
+    rep = list(range(n))
+    for j in labels.unique().tolist():
+        members = (labels == j).nonzero().flatten()
+        closest = members[((features[members] - cent[j]) ** 2).sum(1).argmin()].item()
+        for h in members.tolist():
+            rep[h] = closest
+    return rep, inertias
+
+
+@dataclass
+class ChaiStep(Step):
+    samples: int = 4  # calibration sequences
+    seq_len: int = 128  # tokens each
+    layers: str = "all"  # layers to cluster ("all", "4-11", "2+5")
+    max_clusters: int = 0  # cap on k (0 = n_heads)
+    seed: int = 0
+    stats: dict = field(default_factory=dict, repr=False)
+
+    name = "chai"
+
+    @torch.inference_mode()
+    def apply(self, state, ctx):
+        config = ctx["config"]
+        if config.get("chai_representatives"):
+            raise RecipeError("chai: the model is already clustered")
+        if any(k.endswith((".qweight", "_scale")) or "_lr_" in k or ".lora_" in k for k in state):
+            raise RecipeError("chai works on float weights: put it before int8/gptq/svd/eora and kept adapters")
+        args = ModelArgs.from_hf_config(config)
+        chosen = set(range(args.n_layers)) if self.layers == "all" else _layer_set(self.layers)
+        ids = torch.tensor(step_calibration_ids(ctx, self.samples, self.seq_len))
+        model = build_model(args, {k: v.float() for k, v in state.items()}, max_len=ids.shape[1] + 1)
+        x = model.embed(ids).float()
+        reps: list[list[int]] = []
+        curves = {}
+        for layer, (block, (cos, sin, mask)) in enumerate(zip(model.layers, model.layer_inputs(0, ids.shape[1],
+                                                                                                 ids.device))):
+            if layer in chosen:
+                probs = block.attn.head_probs(block.attn_norm(x), cos, sin, mask)  # (B, nh, T, T)
+                feats = probs.transpose(0, 1).reshape(args.n_heads, -1).float()
+                rep, inertia = cluster_heads(feats, self.max_clusters or None, self.seed)
+                curves[str(layer)] = [round(v, 4) for v in inertia]
+                reps.append(rep if len(set(rep)) < args.n_heads else [])
+            else:
+                reps.append([])
+            x = block(x, cos, sin, mask, None)
+        state = dict(state)
+        per = args.n_heads // args.n_kv_heads
+        k_heads = 0
+        for layer, rep in enumerate(reps):
+            if not rep:
+                k_heads += args.n_kv_heads
+                continue
+            keep_q = sorted(set(rep))
+            keep_k = sorted({r // per for r in keep_q})
+            k_heads += len(keep_k)
+            hd = args.head_dim
+            p = f"model.layers.{layer}.self_attn."
+            state[p + "q_proj.weight"] = torch.cat([state[p + "q_proj.weight"][h * hd:(h + 1) * hd] for h in keep_q])
+            state[p + "k_proj.weight"] = torch.cat([state[p + "k_proj.weight"][g * hd:(g + 1) * hd] for g in keep_k])
+        config["chai_representatives"] = reps
+        ModelArgs.from_hf_config(config)  # validates the layout
+        n_q = sum(len(set(r)) if r else args.n_heads for r in reps)
+        self.stats = {"clusters": [len(set(r)) if r else args.n_heads for r in reps],
+                      "query_heads_kept": f"{n_q}/{args.n_layers * args.n_heads}",
+                      "key_cache_heads_kept": f"{k_heads}/{args.n_layers * args.n_kv_heads}",
+                      "kv_cache_reduction": round(1 - (k_heads + args.n_layers * args.n_kv_heads)
+                                                  / (2 * args.n_layers * args.n_kv_heads), 4),
+                      "inertia": curves}
+        return state

@@ -1,0 +1,111 @@
+"""CHAI clustered-head attention: clustering, the elbow, exactness of the serving path when
+clustered heads really attend alike, key-cache reduction under GQA, and the recipe step."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compress.chai import cluster_heads, elbow, kmeans
+from compress.recipes import RecipeError
+from server.engine.config import ModelArgs
+from server.engine.loader import build_model
+from server.runner import load_model
+
+from .conftest import build_artifact
+
+G = torch.Generator().manual_seed(0)
+
+
+def test_kmeans_and_elbow_find_three_clear_clusters():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(4, 2, generator=G) for c in centres])
+    inertias = [kmeans(x, k)[2] for k in range(1, 9)]
+    assert all(a >= b - 1e-6 for a, b in zip(inertias, inertias[1:]))
+    assert elbow(inertias) == 3
+    rep, _ = cluster_heads(x)
+    assert len(set(rep)) == 3 and all(rep[r] == r for r in rep)
+    assert len({rep[i] for i in range(4)}) == 1 and rep[0] != rep[4] != rep[8]
+
+
+def _tiny_args_and_state(llama_dir):
+    from compress.build import load_hf_dir
+
+    config, state = load_hf_dir(llama_dir)
+    return config, ModelArgs.from_hf_config(config), state
+
+
+def test_clustered_attention_is_exact_when_clustered_heads_attend_alike(llama_dir):
+    """4 query heads over 2 KV groups. Make heads 2 and 3 attend exactly like head 0 (same q rows,
+    key group 1 = key group 0): CHAI with one representative (head 0) must then reproduce the
+    full model, while storing one key group instead of two."""
+    config, args, state = _tiny_args_and_state(llama_dir)
+    hd = args.head_dim
+    st = dict(state)
+    for layer in range(args.n_layers):
+        p = f"model.layers.{layer}.self_attn."
+        q, k = st[p + "q_proj.weight"].clone(), st[p + "k_proj.weight"].clone()
+        q[2 * hd:3 * hd] = q[0:hd]
+        q[3 * hd:4 * hd] = q[0:hd]
+        k[hd:2 * hd] = k[0:hd]
+        st[p + "q_proj.weight"], st[p + "k_proj.weight"] = q, k
+    full = build_model(args, st, max_len=64)
+    chai_args = replace(args, chai=[[0, 1, 0, 0]] * args.n_layers)
+    reduced = dict(st)
+    for layer in range(args.n_layers):
+        p = f"model.layers.{layer}.self_attn."
+        reduced[p + "q_proj.weight"] = st[p + "q_proj.weight"][:2 * hd]  # heads 0 and 1 are the representatives
+        reduced[p + "k_proj.weight"] = st[p + "k_proj.weight"][:hd]  # both read key group 0
+    clustered = build_model(chai_args, reduced, max_len=64)
+    ids = torch.randint(3, 200, (1, 20), generator=G)
+    with torch.no_grad():
+        torch.testing.assert_close(clustered(ids), full(ids), rtol=1e-4, atol=1e-4)
+        cache = clustered.new_cache(1, 32)
+        steps = [clustered(ids[:, :12], cache)] + [clustered(ids[:, i:i + 1], cache) for i in range(12, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), full(ids), rtol=1e-4, atol=1e-4)
+    assert cache.k[0].shape[1] == 1 and cache.v[0].shape[1] == 2  # keys of one group, values of both
+    assert clustered.kv_bytes_per_token() == 3 * full.kv_bytes_per_token() // 4
+
+
+def test_chai_step_writes_reduced_projections_and_serves(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "c", "chai(samples=2,seq_len=32)")
+    m = json.loads((art / "manifest.json").read_text())
+    reps = json.loads((art / "config.json").read_text())["chai_representatives"]
+    r = m["steps"][0]["result"]
+    assert m["hf_loadable"] is False and len(reps) == 2 and r["clusters"] == [len(set(x)) if x else 4 for x in reps]
+    sd = load_file(str(art / "model.safetensors"))
+    for layer, rep in enumerate(reps):
+        if rep:
+            assert sd[f"model.layers.{layer}.self_attn.q_proj.weight"].shape[0] == len(set(rep)) * 16
+    lm = load_model(art)
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(torch.randint(3, 200, (1, 8), generator=G))).all()
+
+
+def test_depth_after_chai_keeps_each_blocks_clusters(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "cd", "chai(samples=2,seq_len=32),depth(n=1,protect_first=0,"
+                                                      "protect_last=0,metric=magnitude)")
+    cfg = json.loads((art / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1 and len(cfg["chai_representatives"]) == 1
+    load_model(art)
+
+
+def test_onnx_export_refuses_chai(llama_dir, tmp_path):
+    from compress.artifact import ArtifactError
+    from compress.onnx_export import export_onnx
+
+    art = build_artifact(llama_dir, tmp_path / "co", "chai(samples=2,seq_len=32)")
+    with pytest.raises(ArtifactError, match="CHAI"):
+        export_onnx(art, tmp_path / "co-onnx")
+
+
+@pytest.mark.parametrize("recipe,match", [("int8,chai", "float weights"),
+                                          ("chai(samples=2,seq_len=32),chai(samples=2,seq_len=32)",
+                                           "already clustered")])
+def test_bad_chai_recipes_are_refused(llama_dir, tmp_path, recipe, match):
+    with pytest.raises(RecipeError, match=match):
+        build_artifact(llama_dir, tmp_path / "bad", recipe)
