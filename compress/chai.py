@@ -142,3 +142,49 @@ class ChaiStep(Step):
                                                   / (2 * args.n_layers * args.n_kv_heads), 4),
                       "inertia": curves}
         return state
+
+
+@dataclass
+class ChaiQuantStep(Step):
+    """CHAI-Quant: mixed precision by layer sensitivity. The `critical` fraction of layers
+    (highest sensitivity) keeps its projections in 16-bit (bf16), the rest, and the embedding,
+    go to int8 (W8A16). The engine runs int8 and bf16 layers side by side with bf16 activations."""
+    critical: float = 0.3  # fraction of layers kept at 16-bit
+    metric: str = "perturb"  # perturb, attention or clusters (compress/sensitivity.py)
+    samples: int = 4
+    seq_len: int = 256
+    stats: dict = field(default_factory=dict, repr=False)
+
+    name = "chai-quant"
+
+    def apply(self, state, ctx):
+        from .recipes import _is_quantizable
+        from .sensitivity import layer_sensitivity, select_layers
+        from server.engine.quant import quantize_per_channel
+
+        if any(k.endswith(("_scale", ".qweight")) or "_lr_" in k for k in state):
+            raise RecipeError("chai-quant quantizes float weights: it replaces int8/gptq, not follows them")
+        scores = layer_sensitivity(state, ctx, self.metric, self.samples, self.seq_len)
+        keep = set(select_layers(scores, self.critical, "high"))
+        out, before, after = {}, 0, 0
+        ctx["pre_quant"] = {}
+        for k, v in state.items():
+            layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+            before += v.numel() * 2 if v.is_floating_point() else v.numel() * v.element_size()  # vs all-16-bit
+            if _is_quantizable(k, v) and layer not in keep:
+                out[k], out[k + "_scale"] = quantize_per_channel(v)
+                if layer is not None:
+                    ctx["pre_quant"][k] = v.float()
+                after += v.numel() + v.shape[0] * 4
+            elif _is_quantizable(k, v):
+                out[k] = v.to(torch.bfloat16)
+                after += v.numel() * 2
+            else:
+                out[k] = v.float() if v.is_floating_point() else v
+                after += out[k].numel() * out[k].element_size()
+        ctx["dtype"], ctx["int8_kernel"] = "int8", "weight_only"
+        self.stats = {"critical_layers": sorted(keep), "metric": self.metric,
+                      "scores": [round(s, 6) for s in scores],
+                      "bytes_all_16bit": before, "bytes_mixed": after,
+                      "memory_reduction_vs_16bit": round(1 - after / before, 4)}
+        return out

@@ -70,6 +70,9 @@ class LoRAStep(Step):
     temperature: float = 2.0  # distillation temperature
     merge: bool = True  # fold into the weights (True) or keep as an adapter
     keep_mask: bool = True  # when merging into a sparse base, keep its zeros
+    layers: str = "all"  # "all", explicit ("0-5", "2+7"), or a sensitivity band: high, medium, low (CHAI-Target)
+    fraction: float = 0.3  # with a band: the share of layers trained
+    metric: str = "perturb"  # with a band: perturb, attention or clusters (compress/sensitivity.py)
     precision: str = "auto"  # "auto" (bf16 autocast where the CPU runs bf16 natively), "bf16" or "fp32"
     seed: int = 0
     stats: dict = field(default_factory=dict, repr=False)
@@ -84,6 +87,29 @@ class LoRAStep(Step):
         if unknown:
             raise RecipeError(f"lora: unknown target {unknown[0]!r}; use attn, mlp, all or projection names")
         return names
+
+    def _layers(self, state, ctx) -> list[int] | None:
+        """None (every layer) or the layer indices to train (CHAI-Target's sensitivity bands)."""
+        if self.layers == "all":
+            return None
+        if self.layers in ("high", "medium", "low"):
+            from .sensitivity import layer_sensitivity, select_layers
+
+            scores = layer_sensitivity(state, ctx, self.metric)
+            chosen = select_layers(scores, self.fraction, self.layers)
+            self.stats = {"sensitivity": [round(x, 6) for x in scores]}
+        else:
+            from .prune import _layer_set
+
+            try:
+                chosen = sorted(_layer_set(self.layers))
+            except ValueError:
+                raise RecipeError(f"lora: layers must be all, high, medium, low or a list like 0-5; "
+                                  f"got {self.layers!r}") from None
+        n = ctx["config"]["num_hidden_layers"]
+        if not chosen or chosen[-1] >= n:
+            raise RecipeError(f"lora: layers {self.layers!r} outside 0..{n - 1}")
+        return chosen
 
     def _check(self, state):
         if self.r < 1 or self.steps < 1 or self.batch < 1:
@@ -106,9 +132,10 @@ class LoRAStep(Step):
         torch.manual_seed(self.seed)
         config = ctx["config"]
         float_state = {k: v.float() for k, v in state.items()}
+        layers = self._layers(state, ctx)
         model = get_peft_model(hf_model_from_state(config, float_state),
                                LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                                          target_modules=targets, bias="none"))
+                                          target_modules=targets, bias="none", layers_to_transform=layers))
         teacher = None
         if self.kd > 0:
             from transformers import AutoModelForCausalLM
@@ -139,9 +166,11 @@ class LoRAStep(Step):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss.item())
+        sensitivity = self.stats.get("sensitivity")
         state = self._collect(model, dict(state))
         k = max(1, len(losses) // 5)
-        self.stats = {**self.stats, "loss_first": round(sum(losses[:k]) / k, 4),
+        self.stats = {**self.stats, **({"sensitivity": sensitivity, "layers_trained": layers} if layers else {}),
+                      "loss_first": round(sum(losses[:k]) / k, 4),
                       "loss_last": round(sum(losses[-k:]) / k, 4), "seconds": round(time.perf_counter() - t0, 1),
                       "tokens": self.steps * self.batch * self.seq_len,
                       "trainable_params": sum(p.numel() for p in params)}

@@ -108,7 +108,7 @@ class Int8StaticStep(Int8Step):
 
 def _registry() -> dict:
     from .channels import ChannelPruneStep  # these import Step from here
-    from .chai import ChaiStep
+    from .chai import ChaiQuantStep, ChaiStep
     from .depth import DepthPruneStep
     from .eora import EoRAStep
     from .gptq import GPTQStep
@@ -136,11 +136,12 @@ def _registry() -> dict:
         "gptq": GPTQStep,
         "eora": EoRAStep,
         "chai": ChaiStep,
+        "chai-quant": ChaiQuantStep,
     }
 
 
 STEP_NAMES = ["none", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "prune", "svd", "channels", "depth", "wanda",
-              "smooth", "qat", "lora", "gptq", "eora", "chai"]
+              "smooth", "qat", "lora", "gptq", "eora", "chai", "chai-quant"]
 
 
 def _split_top(text: str) -> list[str]:
@@ -202,12 +203,13 @@ def parse_recipe(recipe: str) -> list[Step]:
         if rest and not rest.endswith(")"):
             raise RecipeError(f"malformed step {item!r}")
         steps.append(_make(name, rest[:-1], registry[name]))
+    from .chai import ChaiQuantStep
     from .gptq import GPTQStep
 
-    quant = [s for s in steps if isinstance(s, (CastStep, Int8Step, GPTQStep))]
+    quant = [s for s in steps if isinstance(s, (CastStep, Int8Step, GPTQStep, ChaiQuantStep))]
     if len(quant) > 1:
-        raise RecipeError("a recipe can hold only one precision step (fp16, bf16, int8, int8-dynamic, int8-static "
-                          "or gptq)")
+        raise RecipeError("a recipe can hold only one precision step (fp16, bf16, int8, int8-dynamic, int8-static, "
+                          "gptq or chai-quant)")
     adapter_at = [i for i, s in enumerate(steps) if s.name == "eora" or (s.name == "lora" and not s.merge)]
     if adapter_at and any(not (isinstance(s, (CastStep, Int8Step)) and not isinstance(s, Int8StaticStep))
                           for s in steps[adapter_at[0] + 1:]):

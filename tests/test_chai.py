@@ -109,3 +109,47 @@ def test_onnx_export_refuses_chai(llama_dir, tmp_path):
 def test_bad_chai_recipes_are_refused(llama_dir, tmp_path, recipe, match):
     with pytest.raises(RecipeError, match=match):
         build_artifact(llama_dir, tmp_path / "bad", recipe)
+
+
+def test_select_layers_bands():
+    from compress.sensitivity import select_layers
+
+    scores = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2]  # most sensitive: 1, 4, 2, 3, 5, 0
+    assert select_layers(scores, 0.34, "high") == [1, 4]
+    assert select_layers(scores, 0.34, "medium") == [2, 3]
+    assert select_layers(scores, 0.34, "low") == [0, 5]
+
+
+@pytest.mark.parametrize("metric", ["perturb", "attention"])
+def test_chai_quant_keeps_the_critical_layer_in_16_bit(llama_dir, tmp_path, metric):
+    art = build_artifact(llama_dir, tmp_path / "cq", f"chai-quant(critical=0.5,metric={metric},samples=2,seq_len=32)")
+    r = json.loads((art / "manifest.json").read_text())["steps"][0]["result"]
+    (crit,) = r["critical_layers"]
+    assert r["scores"][crit] == max(r["scores"]) and 0 < r["memory_reduction_vs_16bit"] < 0.5
+    sd = load_file(str(art / "model.safetensors"))
+    other = 1 - crit
+    assert sd[f"model.layers.{crit}.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert sd[f"model.layers.{other}.mlp.up_proj.weight"].dtype == torch.int8
+    assert sd["model.embed_tokens.weight"].dtype == torch.int8
+    lm = load_model(art)
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(torch.randint(3, 200, (1, 8), generator=G))).all()
+
+
+def test_chai_target_trains_only_the_chosen_band(llama_dir, tmp_path):
+    base = load_file(str(build_artifact(llama_dir, tmp_path / "b") / "model.safetensors"))
+    art = build_artifact(llama_dir, tmp_path / "t", "lora(layers=high,fraction=0.5,steps=3,seq_len=32,lr=1e-2,"
+                                                     "targets=q_proj)")
+    r = json.loads((art / "manifest.json").read_text())["steps"][0]["result"]
+    (layer,) = r["layers_trained"]
+    assert r["sensitivity"][layer] == max(r["sensitivity"])
+    sd = load_file(str(art / "model.safetensors"))
+    for i in range(2):
+        key = f"model.layers.{i}.self_attn.q_proj.weight"
+        assert torch.equal(sd[key], base[key]) == (i != layer)
+
+
+def test_clusters_metric_needs_chai(llama_dir, tmp_path):
+    with pytest.raises(RecipeError, match="needs a chai step"):
+        build_artifact(llama_dir, tmp_path / "x", "chai-quant(metric=clusters)")
+    build_artifact(llama_dir, tmp_path / "y", "chai(samples=2,seq_len=32),chai-quant(metric=clusters,critical=0.5)")
