@@ -35,6 +35,7 @@ ROWS = {
     "gptq": "gptq(bits=4,group_size=128)",
     "gptq-eora": "gptq(bits=4,group_size=128),eora(rank=32)",
     "gptq-g32": "gptq(bits=4,group_size=32,sym=false)",
+    "gptq-e8": "gptq(bits=4,group_size=128,embed=int8)",  # int8 embedding: Gemma's is 63% of its weights
     "depth": "depth(n={depth},metric=ppl)",
     "depth-lora": "depth(n={depth},metric=ppl)," + LORA,
     "wanda": "wanda(pattern=2:4)",
