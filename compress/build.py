@@ -71,8 +71,10 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
             "int8_kernel": ctx["int8_kernel"],
             # plain transformers reads float and GPTQ weights (GPTQ through optimum + gptqmodel);
             # int8 rows and SVD factors are this engine's own formats
-            "hf_loadable": not int8 and not lowrank and not config.get("chai_representatives"),
-            **({"hf_requires": ["optimum", "gptqmodel"]} if gptq else {}),
+            "hf_loadable": not int8 and not lowrank and not config.get("chai_representatives")
+            and not ctx.get("hf_blocker"),
+            **({"hf_blocker": ctx["hf_blocker"]} if ctx.get("hf_blocker") else {}),
+            **({"hf_requires": ["optimum", "gptqmodel"]} if gptq and not ctx.get("hf_blocker") else {}),
             **({"adapter": {"file": ADAPTER_WEIGHTS, "modules": len(adapter) // 2,
                             "params": sum(t.numel() for t in adapter.values())}} if adapter else {}),
             "n_params": n_params,

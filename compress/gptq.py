@@ -174,6 +174,11 @@ class GPTQStep(Step):
                     parts.append(r["weight"])
                 module.weight.copy_(torch.cat(parts, dim=0))
             x = block(x, cos, sin, mask, None)  # the quantized block's outputs feed the next one
+        ragged = sorted({t.numel() for k, t in state.items() if k.endswith(".g_idx")
+                         if self.group_size > 0 and t.numel() % self.group_size})
+        if ragged:  # this engine serves them; GPTQModel's kernels refuse them (checked with 7.7)
+            ctx["hf_blocker"] = (f"GPTQModel kernels need in_features divisible by group_size {self.group_size}; "
+                                 f"this model has in_features {ragged}")
         state = self._store_rest(state, args, ctx)
         ctx["pre_quant"] = reference  # float weights before quantization, for eora
         ctx["dtype"], ctx["float_dtype"] = "int4" if self.bits == 4 else f"int{self.bits}", self.dtype

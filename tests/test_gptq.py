@@ -174,3 +174,13 @@ def test_server_streams_a_gptq_eora_artifact_through_the_openai_client(llama_dir
         assert body.usage.completion_tokens == 6 and streamed == body.choices[0].message.content
     finally:
         srv.close()
+
+
+def test_ragged_groups_are_served_but_not_claimed_hf_loadable(llama_dir, tmp_path):
+    """GPTQModel's kernels refuse in_features % group_size != 0 (SmolLM2: 576 with group 128);
+    the engine serves such artifacts, the manifest says why transformers will not."""
+    art = build_artifact(llama_dir, tmp_path / "r", "gptq(group_size=48,calib_samples=2,calib_seq_len=32)")
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["hf_loadable"] is False and "divisible by group_size 48" in m["hf_blocker"]
+    assert "hf_requires" not in m
+    load_model(art)
