@@ -158,31 +158,23 @@ class ChaiQuantStep(Step):
     name = "chai-quant"
 
     def apply(self, state, ctx):
-        from .recipes import _is_quantizable
+        from .recipes import _is_quantizable, quantize_int8
         from .sensitivity import layer_sensitivity, select_layers
-        from server.engine.quant import quantize_per_channel
 
         if any(k.endswith(("_scale", ".qweight")) or "_lr_" in k for k in state):
             raise RecipeError("chai-quant quantizes float weights: it replaces int8/gptq, not follows them")
         scores = layer_sensitivity(state, ctx, self.metric, self.samples, self.seq_len)
         keep = set(select_layers(scores, self.critical, "high"))
-        out, before, after = {}, 0, 0
-        ctx["pre_quant"] = {}
-        for k, v in state.items():
-            layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
-            before += v.numel() * 2 if v.is_floating_point() else v.numel() * v.element_size()  # vs all-16-bit
-            if _is_quantizable(k, v) and layer not in keep:
-                out[k], out[k + "_scale"] = quantize_per_channel(v)
-                if layer is not None:
-                    ctx["pre_quant"][k] = v.float()
-                after += v.numel() + v.shape[0] * 4
-            elif _is_quantizable(k, v):
+
+        def critical(name: str) -> bool:
+            return name.startswith("model.layers.") and int(name.split(".")[2]) in keep
+        out = quantize_int8(state, ctx, skip=critical)
+        for k, v in state.items():  # the critical layers' projections: 16-bit
+            if critical(k) and _is_quantizable(k, v):
                 out[k] = v.to(torch.bfloat16)
-                after += v.numel() * 2
-            else:
-                out[k] = v.float() if v.is_floating_point() else v
-                after += out[k].numel() * out[k].element_size()
-        ctx["dtype"], ctx["int8_kernel"] = "int8", "weight_only"
+        before = sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in state.values())
+        after = sum(v.numel() * v.element_size() for v in out.values())  # vs all-16-bit above
+        ctx["int8_kernel"] = "weight_only"
         self.stats = {"critical_layers": sorted(keep), "metric": self.metric,
                       "scores": [round(s, 6) for s in scores],
                       "bytes_all_16bit": before, "bytes_mixed": after,

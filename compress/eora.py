@@ -68,6 +68,7 @@ class EoRAStep(Step):
         served = dequantize_state({k: v for k, v in state.items()
                                    if k.startswith("model.layers.") and ".lora_" not in k})
         before = after = 0.0
+        adapter_params = 0
         state = dict(state)
         eig: dict[str, tuple] = {}  # q/k/v (and gate/up) share one input, so one eigendecomposition
         for n in names:
@@ -79,13 +80,12 @@ class EoRAStep(Step):
             a, b = eora_factors(delta, g, self.rank, eig[shared])
             mod = n[: -len(".weight")]
             state[f"{mod}.lora_A.weight"], state[f"{mod}.lora_B.weight"] = a, b
+            adapter_params += a.numel() + b.numel()
             # activation-weighted error tr(Δ G Δᵀ) before and after the correction
             before += torch.einsum("oi,ij,oj->", delta.double(), g, delta.double()).item()
             rest = delta.double() - b.double() @ a.double()
             after += torch.einsum("oi,ij,oj->", rest, g, rest).item()
         ctx.pop("pre_quant")
-        self.stats = {"adapters": len(names), "rank": self.rank,
-                      "adapter_params": sum(state[f"{n[:-7]}.lora_A.weight"].numel()
-                                            + state[f"{n[:-7]}.lora_B.weight"].numel() for n in names),
+        self.stats = {"adapters": len(names), "rank": self.rank, "adapter_params": adapter_params,
                       "weighted_error_before": round(before, 4), "weighted_error_after": round(after, 4)}
         return state

@@ -33,6 +33,7 @@ from server.engine.quant import quantize_per_channel
 
 from .calibration import step_calibration_ids
 from .recipes import RecipeError, Step
+from .wanda import pruned_mask
 
 
 def _group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +164,7 @@ class GPTQStep(Step):
                     name = f"model.layers.{layer}.{p}"
                     w = state.pop(f"{name}.weight")
                     reference[f"{name}.weight"] = w
-                    zero = w == 0
-                    keep = ~zero if self.keep_mask and zero.float().mean() > 0.1 else None
+                    keep = pruned_mask(w) if self.keep_mask else None
                     r = gptq_quantize(w, h, self.bits, self.group_size, self.desc_act, self.sym, self.damp, keep=keep)
                     zeros_after += int((r["weight"] == 0).sum())
                     total += w.numel()

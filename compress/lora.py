@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .calibration import training_windows
 from .recipes import RecipeError, Step
+from .wanda import pruned_mask
 
 TARGET_GROUPS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 TARGET_GROUPS["all"] = TARGET_GROUPS["attn"] + TARGET_GROUPS["mlp"]
@@ -192,12 +193,11 @@ class LoRAStep(Step):
             key = f"{mod}.weight"
             w = state[key]
             delta = b @ a
-            zero = w == 0
-            sparse = zero.float().mean().item() > 0.1  # a pruned matrix, not a few exact zeros
-            if self.keep_mask and sparse:
-                delta = delta.masked_fill(zero, 0.0)
+            kept = pruned_mask(w)
+            if self.keep_mask and kept is not None:
+                delta = delta * kept
             merged = (w.float() + delta).to(w.dtype)
-            zeros_before += int(zero.sum())
+            zeros_before += int((w == 0).sum())
             zeros_after += int((merged == 0).sum())
             total += w.numel()
             state[key] = merged.contiguous()

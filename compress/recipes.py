@@ -67,18 +67,25 @@ class Int8Step(Step):
         return "int8" if self.kernel == "weight_only" else "int8-dynamic"
 
     def apply(self, state, ctx):
-        out = {}
-        # the float projections before rounding, for an `eora` step right after this one
-        ctx["pre_quant"] = {k: v.float() for k, v in state.items()
-                            if k.startswith("model.layers.") and k.endswith(".weight") and _is_quantizable(k, v)}
-        for k, v in state.items():
-            if _is_quantizable(k, v):
-                out[k], out[k + "_scale"] = quantize_per_channel(v)
-            else:
-                out[k] = v.float() if v.is_floating_point() else v
-        ctx["dtype"] = "int8"
+        out = quantize_int8(state, ctx)
         ctx["int8_kernel"] = self.kernel
         return out
+
+
+def quantize_int8(state: dict[str, torch.Tensor], ctx: dict, skip=lambda name: False) -> dict[str, torch.Tensor]:
+    """Every quantizable weight not skipped -> int8 rows + `_scale`; other float tensors fp32.
+    The float layer projections it rounds are left in ctx["pre_quant"] for an `eora` step."""
+    out = {}
+    ctx["pre_quant"] = {}
+    for k, v in state.items():
+        if _is_quantizable(k, v) and not skip(k):
+            out[k], out[k + "_scale"] = quantize_per_channel(v)
+            if k.startswith("model.layers.") and k.endswith(".weight"):
+                ctx["pre_quant"][k] = v.float()
+        else:
+            out[k] = v.float() if v.is_floating_point() else v
+    ctx["dtype"] = "int8"
+    return out
 
 
 @dataclass

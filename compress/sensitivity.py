@@ -14,21 +14,20 @@ Metrics, all on the calibration split:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from server.engine.config import ModelArgs
 from server.engine.loader import build_model
 from server.engine.quant import dequantize, quantize_per_channel
 
 from .calibration import step_calibration_ids
+from .depth import _loss as calibration_loss
 from .recipes import RecipeError
 
 METRICS = ("perturb", "attention", "clusters")
 
 
 def _loss(model, ids: torch.Tensor) -> float:
-    logits = model(ids[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)).item()
+    return calibration_loss(model, ids).item()
 
 
 @torch.inference_mode()

@@ -49,6 +49,13 @@ def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return keep
 
 
+def pruned_mask(w: torch.Tensor) -> torch.Tensor | None:
+    """Keep-mask (w != 0) of a pruned matrix (over 10% exact zeros), None for a dense one: a
+    few exact zeros in a dense matrix are not a pattern later steps should preserve."""
+    zero = w == 0
+    return ~zero if zero.float().mean().item() > 0.1 else None
+
+
 def parse_pattern(pattern: str) -> tuple[int, int]:
     try:
         n, m = (int(x) for x in pattern.split(":"))
