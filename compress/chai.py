@@ -4,8 +4,9 @@
 model block by block, takes every query head's attention probabilities (B, T, T) as its
 feature, and per layer clusters the heads with k-means for every k in 1..n_heads. The
 number of clusters is the elbow (knee) of the inertia curve: the k farthest below the chord
-from k=1 to k=n_heads (Kneedle). Each cluster's representative is the member closest to its
-centroid.
+from k=1 to k=n_heads (Kneedle), optionally raised by `min_clusters` and `max_residual` (the
+fewest clusters whose inertia is at most that share of the one-cluster inertia). Each
+cluster's representative is the member closest to its centroid.
 
 At serving (server/engine/model.py `ChaiLayout`) only representatives compute attention
 scores; all heads of a cluster reuse them with their own value heads. The artifact keeps
@@ -66,13 +67,24 @@ def elbow(inertias: list[float]) -> int:
     return max(range(n), key=lambda i: gaps[i]) + 1
 
 
-def cluster_heads(features: torch.Tensor, max_k: int | None = None, seed: int = 0) -> tuple[list[int], list[float]]:
+def choose_k(inertias: list[float], min_k: int = 1, max_residual: float = 0.0) -> int:
+    """The elbow, raised to at least `min_k` clusters and, when `max_residual` > 0, to the
+    smallest k whose inertia is at most that fraction of the one-cluster inertia (the share
+    of the heads' spread the merge throws away)."""
+    k = max(elbow(inertias), min(min_k, len(inertias)))
+    if max_residual > 0 and inertias[0] > 0:
+        k = max(k, next(i + 1 for i, v in enumerate(inertias) if v <= max_residual * inertias[0] or i == len(inertias) - 1))
+    return k
+
+
+def cluster_heads(features: torch.Tensor, max_k: int | None = None, seed: int = 0, min_k: int = 1,
+                  max_residual: float = 0.0) -> tuple[list[int], list[float]]:
     """features (n_heads, d) -> (representative of each head, inertia for k = 1..max_k)."""
     n = features.shape[0]
     max_k = min(max_k or n, n)
     runs = [kmeans(features, k, seed) for k in range(1, max_k + 1)]
     inertias = [r[2] for r in runs]
-    labels, cent, _ = runs[elbow(inertias) - 1]
+    labels, cent, _ = runs[choose_k(inertias, min_k, max_residual) - 1]
     rep = list(range(n))
     for j in labels.unique().tolist():
         members = (labels == j).nonzero().flatten()
@@ -82,12 +94,58 @@ def cluster_heads(features: torch.Tensor, max_k: int | None = None, seed: int = 
     return rep, inertias
 
 
+def hf_chai_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers attention function for a CHAI model (fine-tuning it with peft, CHAI-Target/KD):
+    the engine's clustered attention on HF's tensors. query (B, n_reps, T, hd) and key
+    (B, k_groups, T, hd) arrive already reduced, since HF views projections with -1 heads;
+    `module.chai_layout` is the layer's ChaiLayout (identity for unclustered layers).
+    Returns ((B, T, n_heads, hd), None) like transformers' own functions."""
+    c = module.chai_layout
+    scores = torch.cat([query[:, a:b] @ key[:, j:j + 1].transpose(-1, -2) for j, (a, b) in enumerate(c.q_spans)],
+                       dim=1) * scaling
+    if attention_mask is not None:  # eager-style additive mask
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.cat([probs[:, c.head_rep[g * c.per:(g + 1) * c.per]] @ value[:, g:g + 1]
+                     for g in range(value.shape[1])], dim=1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def hf_chai_model(cfg, reps: list[list[int]]):
+    """A transformers causal LM (from `cfg`) reshaped to CHAI: reduced q/k projections per
+    clustered layer and the "chai" attention implementation (registered on first use, with
+    eager's additive masks)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from server.engine.model import ChaiLayout
+
+    AttentionInterface.register("chai", hf_chai_attention)
+    AttentionMaskInterface.register("chai", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="chai").float()
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    bias = bool(getattr(cfg, "attention_bias", False))
+    for layer, rep in zip(model.model.layers, reps):
+        attn = layer.self_attn
+        attn.chai_layout = ChaiLayout(rep or list(range(nh)), nh, nkv)
+        if rep:
+            attn.q_proj = torch.nn.Linear(cfg.hidden_size, len(attn.chai_layout.reps) * hd, bias=bias)
+            attn.k_proj = torch.nn.Linear(cfg.hidden_size, len(attn.chai_layout.k_groups) * hd, bias=bias)
+    return model
+
+
 @dataclass
 class ChaiStep(Step):
     samples: int = 4  # calibration sequences
     seq_len: int = 128  # tokens each
     layers: str = "all"  # layers to cluster ("all", "4-11", "2+5")
     max_clusters: int = 0  # cap on k (0 = n_heads)
+    # The elbow alone merges heads whose maps still differ a lot on small models (SmolLM2:
+    # ~30% of the spread discarded, perplexity 13 -> 59); these floors keep more clusters.
+    min_clusters: int = 1  # at least this many clusters per layer
+    max_residual: float = 0.0  # 0 = off; else the fewest clusters leaving <= this inertia share
     seed: int = 0
     stats: dict = field(default_factory=dict, repr=False)
 
@@ -96,6 +154,8 @@ class ChaiStep(Step):
     @torch.inference_mode()
     def apply(self, state, ctx):
         config = ctx["config"]
+        if self.min_clusters < 1 or not 0 <= self.max_residual < 1:
+            raise RecipeError("chai: min_clusters must be >= 1 and max_residual in [0, 1)")
         if config.get("chai_representatives"):
             raise RecipeError("chai: the model is already clustered")
         if any(k.endswith((".qweight", "_scale")) or "_lr_" in k or ".lora_" in k for k in state):
@@ -112,7 +172,8 @@ class ChaiStep(Step):
             if layer in chosen:
                 probs = block.attn.head_probs(block.attn_norm(x), cos, sin, mask)  # (B, nh, T, T)
                 feats = probs.transpose(0, 1).reshape(args.n_heads, -1).float()
-                rep, inertia = cluster_heads(feats, self.max_clusters or None, self.seed)
+                rep, inertia = cluster_heads(feats, self.max_clusters or None, self.seed, self.min_clusters,
+                                             self.max_residual)
                 curves[str(layer)] = [round(v, 4) for v in inertia]
                 reps.append(rep if len(set(rep)) < args.n_heads else [])
             else:

@@ -41,7 +41,12 @@ def hf_model_from_state(config: dict, state: dict[str, torch.Tensor]):
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config",)})
     cfg.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    if config.get("chai_representatives"):  # CHAI-Target / CHAI-KD: train the clustered model itself
+        from .chai import hf_chai_model
+
+        model = hf_chai_model(cfg, config["chai_representatives"])
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:

@@ -5,6 +5,8 @@ Run:
     python -m server --artifact artifacts/smollm2-135m-instruct-int8 --port 8000
     python -m server --artifact chat=artifacts/a --artifact base=artifacts/b --api-key KEY1 --api-key KEY2
     python -m server --hybrid-default --hybrid-loops 2   # every chat request runs the hybrid loop
+    python -m server --profile auto --battery-artifact artifacts/smollm2-135m-instruct-gptq
+                                                        # on battery: gptq artifact, half the threads, 1 loop
 The shipped memory model (memory_model/checkpoints/default) is loaded unless --memory-model
 names another checkpoint or `none`; a request turns the hybrid loop on with
 "hybrid": {"loops": 2} or "reasoning_effort": "low" | "medium" | "high".
@@ -81,6 +83,16 @@ def parse_args(argv: list[str] | None = None):
                    help="final answer budget when a request sets no max_tokens")
     h.add_argument("--ping-interval", type=float, default=d.ping_interval_s,
                    help="seconds of silence before an SSE keep-alive comment")
+    w = p.add_argument_group("power profiles")
+    w.add_argument("--profile", choices=["plugged", "battery", "auto"], default=d.profile,
+                   help="battery = fewer threads, the battery artifact, fewer hybrid loops; auto follows "
+                        "the power source (unknown counts as plugged); switch later with POST /profile")
+    w.add_argument("--battery-artifact", metavar="[NAME=]DIR",
+                   help="more compressed artifact that serves the primary model's requests on battery")
+    w.add_argument("--battery-threads", type=int, help="torch threads on battery (default: half)")
+    w.add_argument("--battery-hybrid-loops", type=int, default=d.battery_hybrid_loops,
+                   help="cap on hybrid loops on battery")
+    w.add_argument("--power-poll", type=float, default=d.power_poll_s, help="auto: seconds between power checks")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
@@ -93,7 +105,9 @@ def parse_args(argv: list[str] | None = None):
                            hybrid_default=a.hybrid_default, hybrid_loops=a.hybrid_loops,
                            hybrid_cot_groups=a.hybrid_cot_groups, hybrid_cot_group_tokens=a.hybrid_cot_group_tokens,
                            hybrid_condense_tokens=a.hybrid_condense_tokens,
-                           hybrid_answer_tokens=a.hybrid_answer_tokens, ping_interval_s=a.ping_interval)
+                           hybrid_answer_tokens=a.hybrid_answer_tokens, ping_interval_s=a.ping_interval,
+                           profile=a.profile, battery_artifact=a.battery_artifact, battery_threads=a.battery_threads,
+                           battery_hybrid_loops=a.battery_hybrid_loops, power_poll_s=a.power_poll)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.artifacts:
         cfg.artifacts = [str(ensure_default_artifact())]
     # Fail fast, before binding the port, on a missing or tampered artifact.
-    for name, path in cfg.model_paths().items():
+    try:
+        paths = cfg.model_paths()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
         try:
             manifest = verify(path) if cfg.verify_checksums else read_manifest(path)
         except ArtifactError as e:

@@ -22,7 +22,7 @@ from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
 from .runner import load_model
-from .serving import APIError, Serving
+from .serving import APIError, Serving, default_profiles
 
 log = logging.getLogger("server")
 
@@ -31,6 +31,7 @@ class AppState:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.metrics = Metrics()
+        self.profiles = default_profiles(cfg, self.metrics)  # before loading: /profile answers meanwhile
         self.serving: Serving | None = None
         self.load_error: str | None = None
 
@@ -49,7 +50,7 @@ class AppState:
                 from memory_model.condense import MemoryModel
 
                 memory = MemoryModel(self.cfg.memory_model)
-            self.serving = Serving(models, self.cfg, self.metrics, memory)
+            self.serving = Serving(models, self.cfg, self.metrics, memory, self.profiles)
             log.info("loaded %s in %.1fs", ", ".join(models), time.perf_counter() - t0)
         except Exception as e:  # surfaced on /health and on every request
             self.load_error = f"{type(e).__name__}: {e}"
@@ -157,11 +158,22 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        state.profiles.refresh()  # auto: a scrape sees the current power source
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
         return serving().model_list()
+
+    @app.get("/profile", dependencies=[Depends(authorize)])
+    async def get_profile():
+        return state.profiles.describe()
+
+    @app.post("/profile", dependencies=[Depends(authorize)])
+    async def set_profile(req: P.ProfileRequest):
+        state.profiles.set_mode(req.mode)
+        log.info("power profile mode set to %s (active: %s)", req.mode, state.profiles.active.name)
+        return state.profiles.describe()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):

@@ -28,11 +28,28 @@ class ServerConfig:
     hybrid_condense_tokens: int = 100
     hybrid_answer_tokens: int = 512  # final answer budget when the request sets no max_tokens
     ping_interval_s: float = 5.0  # SSE comment sent when a stream has had no event for this long
+    # power profiles (server/profiles.py)
+    profile: str = "plugged"  # plugged | battery | auto (follow the power source)
+    battery_artifact: str | None = None  # "[NAME=]DIR" serving the primary model on battery; None = same
+    battery_threads: int | None = None  # None = half the plugged thread count
+    battery_hybrid_loops: int = 1  # cap on hybrid loops on battery
+    power_poll_s: float = 5.0  # auto: re-read the power source at most this often
 
     def model_paths(self) -> dict[str, Path]:
-        out: dict[str, Path] = {}
-        for spec in self.artifacts:
-            name, sep, path = spec.partition("=")
-            p = Path(path if sep else spec)
-            out[name if sep else p.name] = p
+        """Served artifacts by name, the primary first; the battery artifact, if any, last."""
+        out = dict(_named(spec) for spec in self.artifacts)
+        if self.battery_artifact:
+            name, path = _named(self.battery_artifact)
+            if name in out and out[name] != path:
+                raise ValueError(f"battery artifact name {name!r} is already used by {out[name]}")
+            out[name] = path
         return out
+
+    def battery_model(self) -> str | None:
+        return _named(self.battery_artifact)[0] if self.battery_artifact else None
+
+
+def _named(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    p = Path(path if sep else spec)
+    return (name if sep else p.name), p

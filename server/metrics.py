@@ -37,6 +37,17 @@ class Metrics:
         self.peak_context = Histogram("hybrid_loop_peak_context_tokens", "Longest large-model context per request",
                                       ["model"], buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
 
+        self.profile = Gauge("hybrid_power_profile", "1 for the active power profile", ["profile"], registry=r)
+        self.threads = Gauge("hybrid_torch_threads", "torch threads of the generation worker (last job)",
+                             registry=r)
+        self.power_source = Gauge("hybrid_power_source", "1 for the detected power source", ["source"], registry=r)
+
+    def set_profile(self, active: str, power) -> None:
+        for name in ("plugged", "battery"):
+            self.profile.labels(name).set(1 if name == active else 0)
+        for src in ("ac", "battery", "unknown"):
+            self.power_source.labels(src).set(1 if power is not None and power.source == src else 0)
+
     def observe_hybrid(self, model: str, st) -> None:
         self.loop_requests.labels(model).inc()
         for stage, s in st.seconds.items():

@@ -308,6 +308,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -324,6 +325,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -333,6 +335,11 @@ class ModelCard(BaseModel):
     owned_by: str = "hybrid-llm"
     max_model_len: int | None = None
     meta: dict | None = None
+
+
+class ProfileRequest(BaseModel):
+    """Extension: body of POST /profile."""
+    mode: Literal["plugged", "battery", "auto"]
 
 
 class ModelList(BaseModel):

@@ -11,6 +11,8 @@ import asyncio
 import json
 import threading
 import time
+
+import torch
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from .detok import IncrementalDetokenizer, StopMatcher
 from .engine.generate import SamplingParams, generate
 from .hybrid import HybridParams, context_budget, hybrid_work
 from .metrics import Metrics
+from .profiles import Profile, ProfileManager
 from .runner import LoadedModel
 from .scheduler import Job, QueueFull, Scheduler
 
@@ -108,28 +111,63 @@ def hybrid_usage(n_prompt: int, n_answer: int, stats) -> P.Usage:
                    hybrid=P.HybridUsage(**stats.to_dict()))
 
 
+def with_threads(work, profile: Profile, report: Callable[[int], None] = lambda n: None):
+    """Run `work` with the profile's torch thread count, set on the worker thread itself (the
+    OpenMP thread count is per calling thread) at the start of each job, so a profile switch
+    applies from the next request on. `report` is told the count in effect."""
+
+    def run(cancel: threading.Event):
+        if profile.threads and torch.get_num_threads() != profile.threads:
+            torch.set_num_threads(profile.threads)
+        report(torch.get_num_threads())
+        yield from work(cancel)
+
+    return run
+
+
+def default_profiles(cfg: ServerConfig, metrics: Metrics | None = None) -> ProfileManager:
+    """plugged = the configured threads (or torch's startup count), the primary artifact, the
+    configured loops; battery = half the threads, the battery artifact, `battery_hybrid_loops`."""
+    full = cfg.threads or torch.get_num_threads()
+    plugged = Profile("plugged", threads=full, model=None, hybrid_loops=None)
+    battery = Profile("battery", threads=cfg.battery_threads or max(1, full // 2), model=cfg.battery_model(),
+                      hybrid_loops=cfg.battery_hybrid_loops or None)
+    return ProfileManager(cfg.profile, plugged, battery, cfg.power_poll_s,
+                          on_change=metrics.set_profile if metrics else (lambda a, p: None))
+
+
 class Serving:
-    def __init__(self, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics, memory=None):
+    def __init__(self, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics, memory=None,
+                 profiles: ProfileManager | None = None):
         self.models = models
         self.memory = memory  # memory_model.condense.MemoryModel, or None: no hybrid loop
         self.default_model = next(iter(models))
         self.cfg = cfg
         self.metrics = metrics
         self.scheduler = Scheduler(cfg.max_queue, metrics.set_queue_state)
+        self.profiles = profiles or default_profiles(cfg, metrics)
 
     def model_for(self, name: str) -> LoadedModel:
+        """The artifact serving `name`: on battery, requests for the primary model go to the
+        battery artifact when one is configured (the response's `model` names it, as OpenAI
+        names the snapshot that answered)."""
+        if name == self.default_model and self.profiles.refresh().model:
+            return self.models[self.profiles.active.model]
         if name in self.models:
             return self.models[name]
         raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(self.models)}",
                        param="model", code="model_not_found")
 
     def model_list(self) -> P.ModelList:
+        prof = self.profiles.refresh()
         return P.ModelList(data=[
             P.ModelCard(id=name, created=int(lm.path.stat().st_mtime), max_model_len=lm.max_model_len,
                         meta={"arch": lm.manifest.get("arch"), "recipe": lm.manifest.get("recipe"),
                               "backend": lm.manifest.get("backend", "torch"),
                               "dtype": lm.manifest.get("dtype"), "chat_template": lm.has_chat_template,
-                              "n_params": lm.manifest.get("n_params")})
+                              "n_params": lm.manifest.get("n_params"), "profile": prof.name,
+                              "profile_mode": self.profiles.mode,
+                              "served_by": (prof.model or name) if name == self.default_model else name})
             for name, lm in self.models.items()])
 
     # ---- request preparation ----------------------------------------------------------
@@ -191,11 +229,15 @@ class Serving:
             for k, v in h.model_dump(exclude={"enabled"}).items():
                 if v is not None:
                     setattr(hp, k, v)
+        cap = self.profiles.active.hybrid_loops
+        if cap:  # the battery profile's fewer loops
+            hp.loops = min(hp.loops, cap)
         return hp
 
     def _submit(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams, work=None) -> Job:
         counter = self.metrics.generation_tokens.labels(lm.name)
-        work = work or generation_work(lm, prompt_ids, params, counter.inc)
+        work = with_threads(work or generation_work(lm, prompt_ids, params, counter.inc), self.profiles.active,
+                            self.metrics.threads.set)
         job = Job(work=work, loop=asyncio.get_running_loop())
         try:
             self.scheduler.submit(job)
@@ -237,10 +279,11 @@ class Serving:
         job = self._submit(lm, prompt_ids, params, work)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         created = P.now()
+        fp = f"hybrid-llm-{self.profiles.active.name}"  # which power profile served the request
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             sse = self._sse(job, lm, rid, created, len(prompt_ids), params.n, chat, include_usage, arrived,
-                            params.logprobs or 0)
+                            params.logprobs or 0, fp)
             return StreamingResponse(sse, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(self._watch_disconnect(request, job))
@@ -266,14 +309,16 @@ class Serving:
         usage = hybrid_usage(len(prompt_ids), completion_tokens, stats)
         want_lp = params.logprobs is not None
         if chat:
-            body = P.ChatCompletionResponse(id=rid, created=created, model=lm.name, usage=usage, choices=[
+            body = P.ChatCompletionResponse(id=rid, created=created, model=lm.name, usage=usage,
+                                            system_fingerprint=fp, choices=[
                 P.ChatChoice(index=i, message=P.ResponseMessage(content=t, reasoning_content=reasoning or None,
                                                                 reasoning=reasoning or None),
                              finish_reason=f or "length",
                              logprobs=P.ChoiceLogprobs(content=entries[i]) if want_lp else None)
                 for i, (t, f) in enumerate(zip(texts, finish))])
         else:
-            body = P.CompletionResponse(id=rid, created=created, model=lm.name, usage=usage, choices=[
+            body = P.CompletionResponse(id=rid, created=created, model=lm.name, usage=usage,
+                                        system_fingerprint=fp, choices=[
                 P.CompletionChoice(index=i, text=t, finish_reason=f or "length",
                                    logprobs=P.CompletionLogprobs.from_entries(entries[i], bool(params.logprobs))
                                    if want_lp else None)
@@ -351,14 +396,16 @@ class Serving:
             await asyncio.sleep(0.1)
 
     async def _sse(self, job, lm, rid, created, n_prompt, n, chat, include_usage, arrived,
-                   top_k: int) -> AsyncIterator[str]:
+                   top_k: int, fingerprint: str) -> AsyncIterator[str]:
         completed = False
 
         def chunk(choices, usage=None) -> str:
             if chat:
-                obj = P.ChatCompletionChunk(id=rid, created=created, model=lm.name, choices=choices, usage=usage)
+                obj = P.ChatCompletionChunk(id=rid, created=created, model=lm.name, choices=choices, usage=usage,
+                                            system_fingerprint=fingerprint)
             else:
-                obj = P.CompletionResponse(id=rid, created=created, model=lm.name, choices=choices, usage=usage)
+                obj = P.CompletionResponse(id=rid, created=created, model=lm.name, choices=choices, usage=usage,
+                                           system_fingerprint=fingerprint)
             d = obj.model_dump()
             if not include_usage:
                 d.pop("usage", None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.chai import cluster_heads, elbow, kmeans
+from compress.chai import choose_k, cluster_heads, elbow, kmeans
 from compress.recipes import RecipeError
 from server.engine.config import ModelArgs
 from server.engine.loader import build_model
@@ -30,6 +30,17 @@ def test_kmeans_and_elbow_find_three_clear_clusters():
     rep, _ = cluster_heads(x)
     assert len(set(rep)) == 3 and all(rep[r] == r for r in rep)
     assert len({rep[i] for i in range(4)}) == 1 and rep[0] != rep[4] != rep[8]
+
+
+def test_min_clusters_and_max_residual_raise_the_elbow():
+    # A curve whose elbow is at 2 but which still holds 40% of the spread there.
+    inertias = [100.0, 40.0, 30.0, 20.0, 8.0, 0.0]
+    assert elbow(inertias) == 2
+    assert choose_k(inertias) == 2
+    assert choose_k(inertias, min_k=3) == 3
+    assert choose_k(inertias, max_residual=0.25) == 4  # first k with inertia <= 25
+    assert choose_k(inertias, max_residual=0.05) == 6
+    assert choose_k(inertias, min_k=9) == 6  # never above n
 
 
 def _tiny_args_and_state(llama_dir):
@@ -105,7 +116,9 @@ def test_onnx_export_refuses_chai(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("recipe,match", [("int8,chai", "float weights"),
                                           ("chai(samples=2,seq_len=32),chai(samples=2,seq_len=32)",
-                                           "already clustered")])
+                                           "already clustered"),
+                                          ("chai(max_residual=1.5)", "max_residual"),
+                                          ("chai(min_clusters=0)", "min_clusters")])
 def test_bad_chai_recipes_are_refused(llama_dir, tmp_path, recipe, match):
     with pytest.raises(RecipeError, match=match):
         build_artifact(llama_dir, tmp_path / "bad", recipe)
@@ -153,3 +166,40 @@ def test_clusters_metric_needs_chai(llama_dir, tmp_path):
     with pytest.raises(RecipeError, match="needs a chai step"):
         build_artifact(llama_dir, tmp_path / "x", "chai-quant(metric=clusters)")
     build_artifact(llama_dir, tmp_path / "y", "chai(samples=2,seq_len=32),chai-quant(metric=clusters,critical=0.5)")
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma"])
+def test_hf_chai_model_matches_the_engine(llama_dir, gemma_dir, tmp_path, model):
+    """CHAI-Target/KD fine-tune the clustered model in transformers: its logits must be the
+    engine's (same clusters, reduced projections, sliding windows on Gemma-3)."""
+    from compress.build import load_hf_dir
+    from compress.lora import hf_model_from_state
+
+    src = llama_dir if model == "llama" else gemma_dir
+    art = build_artifact(src, tmp_path / "c", "chai(samples=2,seq_len=32,max_clusters=2)")
+    config, state = load_hf_dir(art)
+    assert any(config["chai_representatives"])
+    hf = hf_model_from_state(config, {k: v.float() for k, v in state.items()}).eval()
+    engine = load_model(art).model.float()
+    ids = torch.randint(3, 200, (1, 24), generator=G)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, engine(ids).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_chai_target_and_kd_fine_tune_the_clustered_model(llama_dir, tmp_path):
+    art = build_artifact(llama_dir, tmp_path / "tk", "chai(samples=2,seq_len=32,max_clusters=2),"
+                         "lora(layers=high,fraction=0.5,steps=4,seq_len=32,lr=1e-2,targets=all,kd=0.5)")
+    m = json.loads((art / "manifest.json").read_text())
+    chai, lora = m["steps"][0]["result"], m["steps"][1]["result"]
+    (trained,) = lora["layers_trained"]
+    reps = json.loads((art / "config.json").read_text())["chai_representatives"]
+    sd = load_file(str(art / "model.safetensors"))
+    before = load_file(str(build_artifact(llama_dir, tmp_path / "c", "chai(samples=2,seq_len=32,max_clusters=2)")
+                           / "model.safetensors"))
+    for layer, rep in enumerate(reps):  # the clustered shapes survive the merge; only the band trained
+        key = f"model.layers.{layer}.self_attn.q_proj.weight"
+        assert sd[key].shape[0] == (len(set(rep)) if rep else 4) * 16
+        assert torch.equal(sd[key], before[key]) == (layer != trained)
+    assert chai["clusters"] == [len(set(x)) if x else 4 for x in reps]
+    with torch.no_grad():
+        assert torch.isfinite(load_model(art).model(torch.randint(3, 200, (1, 8), generator=G))).all()
