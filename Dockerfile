@@ -12,6 +12,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 HYBRID_L
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
+# TORCH_SPEC is a pinned requirement (a torch==version spec), passed as a build arg so CUDA builds can differ
+# hadolint ignore=DL3013
 RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY server ./server
@@ -32,7 +34,8 @@ ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/artifacts /opt/artifacts
 RUN useradd --create-home --uid 10001 app
-USER app
+# numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd
+USER 10001
 WORKDIR /home/app
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \

@@ -3,6 +3,7 @@
 Run:
     python benchmarks/chai_study.py --source smollm2-135m-instruct           # ~45 min on 2 CPU cores
     python benchmarks/chai_study.py --source smollm2-135m-instruct --plot-only
+    python benchmarks/chai_study.py --source smollm2-135m-instruct --speed-only   # re-time rows back to back
 Each configuration is a recipe built into artifacts/<source>-chai-q<0|1>t<0|1>k<0|1>:
   chai                          always (clustered-head attention)
   Target on                     lora(layers=high,fraction=0.3): only the 30% most sensitive layers train
@@ -57,7 +58,8 @@ def measure(source: str, name: str, rec: str, qa_n: int) -> dict:
     e = m["eval"]
     model, _ = load_engine_model(art, max_len=64, check=False)
     chai = next((s["result"] for s in m["steps"] if s["name"] == "chai"), {})
-    return {"name": name, "recipe": rec, "size_bytes": m["size_bytes"], "perplexity": e["perplexity"],
+    return {"name": name, "row": name, "artifact": str(art.relative_to(ROOT)), "recipe": rec,
+            "size_bytes": m["size_bytes"], "perplexity": e["perplexity"],
             "qa_closed": e["qa"]["closed"]["accuracy"], "qa_open": e["qa"]["open"]["accuracy"],
             "decode_tok_s": e["decode_tok_s"], "kv_bytes_per_token": model.kv_bytes_per_token(),
             "clusters": chai.get("clusters"), "steps": [s.get("result") for s in m["steps"]]}
@@ -118,15 +120,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="fine-tune steps where Target or KD is on")
     p.add_argument("--qa-n", type=int, default=50)
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--speed-only", action="store_true", help="re-time the rows in results/ back to back")
+    p.add_argument("--repeats", type=int, default=5, help="speed pass repeats (median)")
     a = p.parse_args()
     res = ROOT / "results" / f"chai_study_{a.source}.json"
     png = ROOT / "results" / f"chai_study_{a.source}.png"
     if a.plot_only:
         return plot(json.loads(res.read_text())["rows"], png)
-    rows = [measure(a.source, "base", "none", a.qa_n)]
-    for quant, target, kd in itertools.product([False, True], repeat=3):
-        name = f"chai-q{int(quant)}t{int(target)}k{int(kd)}"
-        rows.append(measure(a.source, name, recipe(quant, target, kd, a.steps), a.qa_n))
+    if a.speed_only:
+        rows = json.loads(res.read_text())["rows"]
+    else:
+        rows = [measure(a.source, "base", "none", a.qa_n)]
+        for quant, target, kd in itertools.product([False, True], repeat=3):
+            name = f"chai-q{int(quant)}t{int(target)}k{int(kd)}"
+            rows.append(measure(a.source, name, recipe(quant, target, kd, a.steps), a.qa_n))
+    from compress_table import speed_pass  # same speed protocol as the compression table
+
+    speed_pass(rows, a.repeats)  # evals ran during builds; re-time all rows back to back
     res.write_text(json.dumps({"source": a.source, "rows": rows}, indent=2) + "\n")
     print(table(rows))
     plot(rows, png)

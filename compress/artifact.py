@@ -43,14 +43,60 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _owner(p: Path, kind: str) -> int | None:
+    """The writer pid in `.NAME.tmp-PID-xxxx` / `.NAME.old-PID`, or None."""
+    try:
+        return int(p.name.rsplit(f".{kind}-", 1)[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def recover_interrupted(out: Path) -> list[str]:
+    """Clean up after a writer that was killed (SIGKILL, power loss) mid-way: its temp
+    directories are removed; if it died between moving the old artifact aside and moving the
+    new one in, the old one is put back. Live writers' files are left alone. Returns what
+    was done."""
+    done = []
+    if not out.parent.is_dir():
+        return done
+    for p in sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = _owner(p, "old")
+        if pid is None or _pid_alive(pid):
+            continue
+        if not out.exists() and (p / MANIFEST).is_file():
+            os.replace(p, out)
+            done.append(f"restored {out} from {p.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+    for p in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        pid = _owner(p, "tmp")
+        if pid is not None and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+    return done
+
+
 def write_artifact(out: Path, fill: Callable[[Path], dict], force: bool = False) -> dict:
     """Create artifact `out` atomically. `fill(tmpdir)` writes the files and returns the
-    manifest body; checksums and sizes are added here. Returns the final manifest."""
+    manifest body; checksums and sizes are added here. Returns the final manifest. A build
+    killed earlier leaves only a temp directory, removed here before starting again."""
     out = Path(out)
+    recover_interrupted(out)
     if out.exists() and not force:
         raise ArtifactError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         manifest = fill(tmp)
         # mkdtemp/safetensors create owner-only modes; artifacts are read by other users

@@ -146,7 +146,8 @@ class LoRAStep(Step):
         if self.kd > 0:
             from transformers import AutoModelForCausalLM
 
-            teacher = AutoModelForCausalLM.from_pretrained(str(ctx["model_dir"]), dtype=torch.float32).eval()
+            teacher = AutoModelForCausalLM.from_pretrained(str(ctx["model_dir"]), dtype=torch.float32,
+                                                            use_safetensors=True).eval()
         seqs = training_windows(ctx, self.steps * self.batch, self.seq_len)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)

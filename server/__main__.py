@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="require this runtime (auto: what each artifact was built for; ONNX artifacts come "
                         "from `python -m compress export-onnx`)")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="request body limit (413 above)")
     p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
     h = p.add_argument_group("hybrid loop")
     h.add_argument("--memory-model", default=None,
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None):
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
                            max_tokens_default=a.max_tokens_default, threads=a.threads,
                            max_kv_cache_mb=a.max_kv_cache_mb,
-                           verify_checksums=not a.no_verify,
+                           verify_checksums=not a.no_verify, max_body_mb=a.max_body_mb,
                            memory_model=_memory_model_path(a.memory_model),
                            hybrid_default=a.hybrid_default, hybrid_loops=a.hybrid_loops,
                            hybrid_cot_groups=a.hybrid_cot_groups, hybrid_cot_group_tokens=a.hybrid_cot_group_tokens,

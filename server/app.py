@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
+from .middleware import BodyLimit, RequestCounter
 from .runner import load_model
 from .serving import APIError, Serving, default_profiles
 
@@ -60,31 +61,6 @@ class AppState:
 def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
     return JSONResponse(P.ErrorResponse(error=P.ErrorDetail(message=message, type=type, param=param, code=code))
                         .model_dump(), status_code=status, headers=headers)
-
-
-class RequestCounter:
-    """Counts responses by route and status. Plain ASGI middleware rather than
-    @app.middleware (BaseHTTPMiddleware): no extra task or response re-wrapping per
-    request, so SSE streams and their cancellation pass straight through."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = {"code": 500}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status["code"])).inc()
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:
@@ -139,14 +115,16 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), type=kind)
+        return _error(e.status_code, str(e.detail), type=kind,
+                      code="request_too_large" if e.status_code == 413 else None)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):
         log.exception("unhandled error")
         return _error(500, f"internal error: {type(e).__name__}", type="server_error")
 
-    app.add_middleware(RequestCounter, metrics=state.metrics)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_mb * 2**20)
+    app.add_middleware(RequestCounter, metrics=state.metrics)  # added last = outermost: counts the 413s too
 
     @app.get("/health")
     async def health():

@@ -19,6 +19,7 @@ class ServerConfig:
     threads: int | None = None  # torch intra-op threads; None = torch default
     verify_checksums: bool = True  # refuse artifacts whose files don't match the manifest
     retry_after_s: int = 2  # Retry-After sent with 429 / 503
+    max_body_mb: float = 4.0  # larger request bodies get 413 before parsing
     # the hybrid loop
     memory_model: str | None = None  # memory-model checkpoint directory; None = hybrid unavailable
     hybrid_default: bool = False  # run the hybrid loop for requests that do not ask either way

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engine.generate import SamplingParams
 
@@ -51,9 +51,36 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _find_surrogate(obj, loc: str = "") -> str | None:
+    """Where a string holds a lone UTF-16 surrogate (JSON allows "\\ud800"; UTF-8 and the
+    tokenizers do not), or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return loc or "body"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if (bad := _find_surrogate(v, f"{loc}.{k}" if loc else str(k))) is not None:
+                return bad
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if (bad := _find_surrogate(v, f"{loc}.{i}")) is not None:
+                return bad
+    return None
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        bad = _find_surrogate(data)
+        if bad is not None:
+            raise ValueError(f"{bad} is not valid Unicode text (a lone surrogate such as \\ud800)")
+        return data
 
     model: str
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -61,7 +88,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
