@@ -8,7 +8,7 @@ Run:
 Metrics (TTFT of any token and of the first answer content, TPOT, ITL, E2EL, throughputs) are
 defined in clients/bench_stats.py as vLLM's `bench serve` defines them. Prompts are windows
 of English text from Python's bundled pydoc topics, sized to --input-len tokens by measuring
-the server's token count on the warm-up requests; outputs are forced to --output-len tokens
+the server's token counts on the warm-up requests (the measured lengths are reported); outputs are forced to --output-len tokens
 with `ignore_eos` (a vLLM extension this server supports; --no-ignore-eos for others).
 `--profile` asks this project's server (POST /profile) to switch power profile first; every
 result records the client's power source, the server's profile and its power source.
@@ -143,28 +143,24 @@ async def server_info(client: httpx.AsyncClient, a) -> dict:
 
 
 async def calibrate(client, a, words: list[str]) -> tuple[float, float]:
-    """Warm-up requests (not counted), alternating two prompt sizes; returns the server's
-    (prompt tokens per word, fixed tokens such as the chat template) from a line through them."""
+    """Warm-up requests (not counted): the first with a one-word prompt measures the fixed
+    tokens (chat template, BOS), the others, `input_len // 8` words each (small enough for any
+    tokenizer to fit), the server's tokens per word. Returns (tokens per word, fixed tokens)."""
     path = "/v1/chat/completions" if a.endpoint == "chat" else "/v1/completions"
-    base = max(2, a.input_len // 8)  # small enough for any BPE to stay under input_len
-    points = []
-    for i in range(max(a.warmup, 1)):
-        n = base * (1 + i % 2)
+    fixed, text_tokens, text_words = None, 0, 0
+    for i in range(max(a.warmup, 2)):
+        n = 1 if i == 0 else max(2, a.input_len // 4)
         (p,) = make_prompts(1, n, a.seed + 999 + i, words)
         res = await send(client, path, {**request_body(a, p), "max_tokens": min(a.output_len, 8)}, 0.0)
         if not res.ok:
             raise BenchError(f"warm-up request failed: {res.error}")
-        if res.prompt_tokens:
-            points.append((n, res.prompt_tokens))
-    if not points:
-        return 1.3, 0.0  # the server reports no usage: a typical BPE ratio
-    if len({w for w, _ in points}) < 2:
-        return sum(t for _, t in points) / sum(w for w, _ in points), 0.0
-    mw = sum(w for w, _ in points) / len(points)
-    mt = sum(t for _, t in points) / len(points)
-    slope = sum((w - mw) * (t - mt) for w, t in points) / sum((w - mw) ** 2 for w, _ in points)
-    slope = max(slope, 0.1)
-    return slope, max(0.0, mt - slope * mw)
+        if not res.prompt_tokens:
+            return 1.3, 0.0  # the server reports no usage: a typical BPE ratio, no template
+        if i == 0:
+            fixed = max(0, res.prompt_tokens - 1)
+        else:
+            text_tokens, text_words = text_tokens + res.prompt_tokens - fixed, text_words + n
+    return max(text_tokens / text_words, 0.1), float(fixed)
 
 
 async def bench(a) -> dict:
@@ -278,7 +274,8 @@ def parse_args(argv):
     p.add_argument("--request-rate", type=_floats, default=[math.inf],
                    help="requests/s (Poisson by default; inf = all at once); comma list = sweep")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps (1 = Poisson)")
-    p.add_argument("--warmup", type=int, default=2, help="uncounted requests first (they also size the prompts)")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="uncounted requests first (at least 2; they also size the prompts)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send ignore_eos (servers that reject it; outputs may then be shorter)")
