@@ -115,3 +115,13 @@ def test_profile_endpoint_errors_and_bench_tags(prof_srv, tmp_path):
     meta = json.loads(out.read_text())["meta"]
     assert meta["profile_requested"] == "battery" and meta["server_profile"]["active"] == "battery"
     assert meta["server_profile"]["power"]["source"] in ("ac", "battery", "unknown")
+
+
+def test_cli_refuses_a_bad_battery_artifact(llama_artifact, tmp_path, capsys):
+    from server.__main__ import main
+
+    assert main(["--artifact", str(llama_artifact), "--battery-artifact", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    clash = f"{llama_artifact.name}={tmp_path}"
+    assert main(["--artifact", str(llama_artifact), "--battery-artifact", clash]) == 2
+    assert "already used" in capsys.readouterr().err

@@ -40,6 +40,7 @@ class Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_pickled_object_in_a_training_state_is_refused(tmp_path):
     from memory_model.checkpoint import load_train_state
 
