@@ -41,7 +41,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     name = Path(a.artifact).name
-    srv = BackgroundServer(ServerConfig(artifacts=[a.artifact], max_model_len=2048, memory_model=None)).wait(timeout=300)
+    cfg = ServerConfig(artifacts=[a.artifact], max_model_len=2048, memory_model=None)
+    srv = BackgroundServer(cfg).wait(timeout=300)
     rows = []
     try:
         for _ in range(a.trials):

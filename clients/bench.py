@@ -8,8 +8,9 @@ Run:
 Metrics (TTFT of any token and of the first answer content, TPOT, ITL, E2EL, throughputs) are
 defined in clients/bench_stats.py as vLLM's `bench serve` defines them. Prompts are windows
 of English text from Python's bundled pydoc topics, sized to --input-len tokens by measuring
-the server's token counts on the warm-up requests (the measured lengths are reported); outputs are forced to --output-len tokens
-with `ignore_eos` (a vLLM extension this server supports; --no-ignore-eos for others).
+the server's token counts on the warm-up requests (the measured lengths are reported);
+outputs are forced to --output-len tokens with `ignore_eos` (a vLLM extension this server
+supports; --no-ignore-eos for others).
 `--profile` asks this project's server (POST /profile) to switch power profile first; every
 result records the client's power source, the server's profile and its power source.
 """

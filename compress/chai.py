@@ -73,7 +73,8 @@ def choose_k(inertias: list[float], min_k: int = 1, max_residual: float = 0.0) -
     of the heads' spread the merge throws away)."""
     k = max(elbow(inertias), min(min_k, len(inertias)))
     if max_residual > 0 and inertias[0] > 0:
-        k = max(k, next(i + 1 for i, v in enumerate(inertias) if v <= max_residual * inertias[0] or i == len(inertias) - 1))
+        enough = [i + 1 for i, v in enumerate(inertias) if v <= max_residual * inertias[0]]
+        k = max(k, enough[0] if enough else len(inertias))
     return k
 
 

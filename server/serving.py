@@ -11,14 +11,13 @@ import asyncio
 import json
 import threading
 import time
-
-import torch
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from fastapi import Request
-from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 
 from . import protocol as P
 from .config import ServerConfig
@@ -151,8 +150,9 @@ class Serving:
         """The artifact serving `name`: on battery, requests for the primary model go to the
         battery artifact when one is configured (the response's `model` names it, as OpenAI
         names the snapshot that answered)."""
-        if name == self.default_model and self.profiles.refresh().model:
-            return self.models[self.profiles.active.model]
+        prof = self.profiles.refresh()  # one read: a concurrent switch cannot split it
+        if name == self.default_model and prof.model:
+            return self.models[prof.model]
         if name in self.models:
             return self.models[name]
         raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(self.models)}",
