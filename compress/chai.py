@@ -102,15 +102,12 @@ def hf_chai_attention(module, query, key, value, attention_mask, scaling, dropou
     `module.chai_layout` is the layer's ChaiLayout (identity for unclustered layers).
     Returns ((B, T, n_heads, hd), None) like transformers' own functions."""
     c = module.chai_layout
-    scores = torch.cat([query[:, a:b] @ key[:, j:j + 1].transpose(-1, -2) for j, (a, b) in enumerate(c.q_spans)],
-                       dim=1) * scaling
+    scores = c.scores(query, key) * scaling
     if attention_mask is not None:  # eager-style additive mask
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.cat([probs[:, c.head_rep[g * c.per:(g + 1) * c.per]] @ value[:, g:g + 1]
-                     for g in range(value.shape[1])], dim=1)
-    return out.transpose(1, 2).contiguous(), None
+    return c.mix(probs, value).transpose(1, 2).contiguous(), None
 
 
 def hf_chai_model(cfg, reps: list[list[int]]):

@@ -62,6 +62,18 @@ class ChaiLayout:
         # a list, not a tensor: models are built on the meta device, where a tensor would hold no values
         self.head_rep = [self.reps.index(rep[h]) for h in range(n_heads)]
 
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Unscaled scores of the representatives, each against its own key group (a view, no
+        copy of the cache): q (B, n_reps, T, hd), k (B, k_groups, S, hd) -> (B, n_reps, T, S)."""
+        return torch.cat([q[:, a:b] @ k[:, j:j + 1].transpose(-1, -2) for j, (a, b) in enumerate(self.q_spans)],
+                         dim=1)
+
+    def mix(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Every head applies its representative's probabilities to its own value head:
+        probs (B, n_reps, T, S), v (B, n_kv, S, hd) -> (B, n_heads, T, hd)."""
+        return torch.cat([probs[:, self.head_rep[g * self.per:(g + 1) * self.per]] @ v[:, g:g + 1]
+                          for g in range(v.shape[1])], dim=1)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
@@ -124,14 +136,10 @@ class Attention(nn.Module):
         """CHAI: scores for the representatives only, each against its own key group (a view,
         no copy of the cache); every head then takes its representative's probabilities to its
         own value head. (B, nh, T, hd)."""
-        c = self.chai
-        scores = torch.cat([q[:, a:b] @ k[:, j:j + 1].transpose(-1, -2) for j, (a, b) in enumerate(c.q_spans)],
-                           dim=1) * self.scale  # (B, n_reps, T, S)
+        scores = self.chai.scores(q, k) * self.scale  # (B, n_reps, T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(-1)
-        return torch.cat([probs[:, c.head_rep[g * c.per:(g + 1) * c.per]] @ v[:, g:g + 1] for g in range(self.n_kv)],
-                         dim=1)
+        return self.chai.mix(scores.softmax(-1), v)
 
 
 class MLP(nn.Module):
