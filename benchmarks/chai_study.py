@@ -85,6 +85,8 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from clients.bench_plot import save_png
+
     axes_names = ["1/perplexity", "QA closed", "QA open", "decode tok/s", "1/size", "1/KV bytes"]
     vals = np.array([[1 / r["perplexity"], r["qa_closed"], r["qa_open"], r["decode_tok_s"], 1 / r["size_bytes"],
                       1 / r["kv_bytes_per_token"]] for r in rows])
@@ -108,9 +110,7 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.colorbar(im, ax=hm)
     hm.set_title("heatmap (1 = best configuration on that metric)")
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    save_png(fig, out)
     print(f"wrote {out}")
 
 

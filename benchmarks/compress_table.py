@@ -121,6 +121,8 @@ def plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from clients.bench_plot import save_png
+
     files = sorted((ROOT / "results").glob("compress_table_*.json"))
     fig, axes = plt.subplots(1, len(files), figsize=(7 * len(files), 5.5), squeeze=False)
     for ax, f in zip(axes[0], files):
@@ -136,9 +138,7 @@ def plot(out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    save_png(fig, out)
     print(f"wrote {out}")
 
 

@@ -42,9 +42,16 @@ def plot(results: list[dict], out: Path) -> None:
     axes[3].legend(fontsize=7)
     fig.suptitle(" vs ".join(labels), fontsize=9)
     fig.tight_layout()
+    save_png(fig, out, dpi=100)
+
+
+def save_png(fig, out: Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (a temp file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, out)
 
