@@ -45,6 +45,7 @@ class ProfileManager:
         self._checked = float("-inf")
         self._active = "battery" if mode == "battery" else "plugged"
         self.switches = 0
+        self._reported = None  # (active, power source) last told to on_change
         self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> Profile:
@@ -58,11 +59,13 @@ class ProfileManager:
                 active = "battery" if self.power and self.power.source == "battery" else "plugged"
             else:
                 active = self.mode
-            changed = active != self._active
-            self._active = active
-            if changed:
+            if active != self._active:
                 self.switches += 1
-        self._on_change(active, self.power)
+            self._active = active
+            state = (active, self.power.source if self.power else None)
+            report, self._reported = state != self._reported, state
+        if report:  # per request otherwise: only what changed is pushed to the gauges
+            self._on_change(active, self.power)
         return self.profiles[active]
 
     @property
