@@ -32,18 +32,12 @@ from pathlib import Path
 import httpx
 
 from .bench_stats import RequestResult, StreamTimer, arrivals, summarize
+from .chat import error_message
 from .power import detect_power
 
 
 class BenchError(RuntimeError):
     pass
-
-
-def _error_message(r: httpx.Response) -> str:
-    try:
-        return f"HTTP {r.status_code}: {r.json()['error']['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {r.status_code}: {r.text[:200]}"
 
 
 def corpus_words() -> list[str]:
@@ -83,7 +77,7 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, t0: float) -> R
         async with client.stream("POST", path, json=body) as r:
             if r.status_code >= 400:
                 await r.aread()
-                timer.r.error = _error_message(r)
+                timer.r.error = error_message(r)
             else:
                 async for line in r.aiter_lines():
                     if not line.startswith("data:"):
@@ -123,7 +117,7 @@ async def server_info(client: httpx.AsyncClient, a) -> dict:
     """Models (and this project's power profile, where the server has one); switches profile if asked."""
     r = await client.get("/v1/models")
     if r.status_code >= 400:
-        raise BenchError(f"/v1/models: {_error_message(r)}")
+        raise BenchError(f"/v1/models: {error_message(r)}")
     models = r.json().get("data", [])
     if not models:
         raise BenchError("the server lists no models")
@@ -134,7 +128,7 @@ async def server_info(client: httpx.AsyncClient, a) -> dict:
         if r.status_code == 404:
             raise BenchError("--profile needs this project's server (it has no /profile endpoint)")
         if r.status_code >= 400:
-            raise BenchError(f"POST /profile: {_error_message(r)}")
+            raise BenchError(f"POST /profile: {error_message(r)}")
     r = await client.get("/profile")
     profile = r.json() if r.status_code == 200 else None
     card = next((m for m in models if m["id"] == a.model), None)

@@ -22,14 +22,18 @@ class ChatError(RuntimeError):
     pass
 
 
+def error_message(r: httpx.Response) -> str:
+    """'HTTP <status>: <message>' from an OpenAI error body (the body must have been read)."""
+    try:
+        return f"HTTP {r.status_code}: {r.json()['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {r.status_code}: {r.text[:200]}"
+
+
 def _raise_for_error(r: httpx.Response) -> None:
     if r.status_code >= 400:
         r.read()
-        try:
-            msg = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = r.text[:200]
-        raise ChatError(f"HTTP {r.status_code}: {msg}")
+        raise ChatError(error_message(r))
 
 
 def first_model(client: httpx.Client) -> str:
