@@ -7,6 +7,7 @@ import json
 
 from starlette.exceptions import HTTPException
 
+from . import protocol as P
 from .metrics import Metrics
 
 
@@ -49,9 +50,9 @@ class BodyLimit:
         self.app, self.max_bytes = app, int(max_bytes)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {"message": TooLarge(self.max_bytes).detail,
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
+        error = P.ErrorDetail(message=TooLarge(self.max_bytes).detail, type="invalid_request_error",
+                              code="request_too_large")
+        body = json.dumps(P.ErrorResponse(error=error).model_dump()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
