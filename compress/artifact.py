@@ -102,11 +102,12 @@ def write_artifact(out: Path, fill: Callable[[Path], dict], force: bool = False)
         # mkdtemp/safetensors create owner-only modes; artifacts are read by other users
         # (e.g. the non-root server in the Docker image).
         os.chmod(tmp, 0o755)
-        for p in _files(tmp):
+        written = _files(tmp)
+        for p in written:
             os.chmod(p, 0o644)
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)}
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in written}
         manifest = {"format_version": FORMAT_VERSION, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    **manifest, "size_bytes": sum(p.stat().st_size for p in _files(tmp)), "files": files}
+                    **manifest, "size_bytes": sum(p.stat().st_size for p in written), "files": files}
         _write_json(tmp / MANIFEST, manifest)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
