@@ -16,6 +16,7 @@ WORKDIR /app
 # hadolint ignore=DL3013
 RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
+COPY engine ./engine
 COPY server ./server
 COPY compress ./compress
 COPY memory_model ./memory_model

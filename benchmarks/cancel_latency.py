@@ -31,7 +31,7 @@ def metric(url: str, name: str) -> float:
 
 
 def main() -> None:
-    from server.background import BackgroundServer
+    from tests.live_server import LiveServer
     from server.config import ServerConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,7 +42,7 @@ def main() -> None:
     a = p.parse_args()
     name = Path(a.artifact).name
     cfg = ServerConfig(artifacts=[a.artifact], max_model_len=2048, memory_model=None)
-    srv = BackgroundServer(cfg).wait(timeout=300)
+    srv = LiveServer(cfg).wait(timeout=300)
     rows = []
     try:
         for _ in range(a.trials):

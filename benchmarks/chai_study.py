@@ -45,7 +45,7 @@ def recipe(quant: bool, target: bool, kd: bool, steps: int) -> str:
 
 def measure(source: str, name: str, rec: str, qa_n: int) -> dict:
     from compress.__main__ import main as compress
-    from compress.artifact import load_engine_model, read_manifest
+    from engine.artifact import load_engine_model, read_manifest
 
     art = ROOT / "artifacts" / f"{source}-{name}"
     if not (art / "manifest.json").is_file():

@@ -80,7 +80,7 @@ def speed_pass(rows: list[dict], repeats: int) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from compress.artifact import load_engine_model
+    from engine.artifact import load_engine_model
     from compress.data import heldout_text
     from compress.evaluate import latency
 

@@ -43,7 +43,7 @@ def hf_decode(model_dir: Path, prompt: list[int], new: int, repeats: int) -> tup
 
 
 def engine_decode(artifact: Path, prompt: list[int], new: int, repeats: int) -> tuple[float, float]:
-    from compress.artifact import load_engine_model
+    from engine.artifact import load_engine_model
     from compress.evaluate import latency
 
     model, _ = load_engine_model(artifact, max_len=len(prompt) + new + 1)

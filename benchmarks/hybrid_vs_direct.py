@@ -117,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     srv = None
     url, model = a.url, a.model or Path(a.artifact).name
     if url is None:
-        from server.background import BackgroundServer
+        from tests.live_server import LiveServer
         from server.config import ServerConfig
 
         if a.threads:
             import torch
 
             torch.set_num_threads(a.threads)
-        srv = BackgroundServer(ServerConfig(artifacts=[f"{model}={a.artifact}"], memory_model=a.memory_model,
+        srv = LiveServer(ServerConfig(artifacts=[f"{model}={a.artifact}"], memory_model=a.memory_model,
                                       max_model_len=2048)).wait(timeout=300)
         url = srv.url
     hybrid = {"loops": a.loops, "cot_groups": a.cot_groups, "condense_tokens": a.condense_tokens}

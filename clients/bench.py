@@ -33,7 +33,7 @@ import httpx
 
 from .bench_stats import RequestResult, StreamTimer, arrivals, summarize
 from .chat import error_message
-from .power import detect_power
+from engine.power import detect_power
 
 
 class BenchError(RuntimeError):

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -144,9 +145,14 @@ async def run_load(url: str, model: str | None, clients: int, seconds: float, ma
                        "samples": rss}}
 
 
-def spawn_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    from server.background import free_port
+def free_port() -> int:
+    # a port the OS just handed out on loopback (the server binds it right after)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
+
+def spawn_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "--artifact", artifact, "--port", str(port),
                              "--memory-model", "none", "--log-level", "warning", *extra])

@@ -129,7 +129,7 @@ def cmd_inspect(a) -> None:
     m = verify(root) if a.verify else read_manifest(root)
     dtypes: Counter = Counter()
     modules: dict = {}  # projection kind -> {"form": Counter, "params": n, "zeros": n}
-    from server.engine.gptq_format import bits_of, dequantize_gptq, module_tensors
+    from engine.gptq_format import bits_of, dequantize_gptq, module_tensors
 
     from .artifact import load_state
 

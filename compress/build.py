@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from server.engine.config import ModelArgs
+from engine.config import ModelArgs
 
 from .artifact import ADAPTER_WEIGHTS, WEIGHTS, split_adapter, write_artifact, write_peft_adapter
 from .recipes import parse_recipe

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from server.engine.config import ModelArgs
-from server.engine.loader import build_model, fused_module_of
-from server.engine.quant import dequantize_state
+from engine.config import ModelArgs
+from engine.loader import build_model, fused_module_of
+from engine.quant import dequantize_state
 
 
 @dataclass

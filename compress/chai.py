@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.config import ModelArgs
-from server.engine.loader import build_model
+from engine.config import ModelArgs
+from engine.loader import build_model
 
 from .calibration import step_calibration_ids
 from .prune import _layer_set
@@ -117,7 +117,7 @@ def hf_chai_model(cfg, reps: list[list[int]]):
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from server.engine.model import ChaiLayout
+    from engine.model import ChaiLayout
 
     AttentionInterface.register("chai", hf_chai_attention)
     AttentionMaskInterface.register("chai", ALL_MASK_ATTENTION_FUNCTIONS["eager"])

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.engine.config import ModelArgs
-from server.engine.loader import build_model
-from server.engine.quant import dequantize_state
+from engine.config import ModelArgs
+from engine.loader import build_model
+from engine.quant import dequantize_state
 
 from .calibration import step_calibration_ids
 from .recipes import RecipeError, Step

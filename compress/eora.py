@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.quant import dequantize_state
+from engine.quant import dequantize_state
 
 from .calibration import calibration_stat, engine_module_for
 from .recipes import RecipeError, Step

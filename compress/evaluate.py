@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from server.engine.generate import decode_one_token, prefill
-from server.engine.model import Transformer
+from engine.generate import decode_one_token, prefill
+from engine.model import Transformer
 
 
 @dataclass

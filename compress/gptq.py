@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from server.engine.config import ModelArgs
-from server.engine.gptq_format import pack_gptq
-from server.engine.loader import FUSED_PROJECTIONS, build_model
-from server.engine.quant import quantize_per_channel
+from engine.config import ModelArgs
+from engine.gptq_format import pack_gptq
+from engine.loader import FUSED_PROJECTIONS, build_model
+from engine.quant import quantize_per_channel
 
 from .calibration import step_calibration_ids
 from .recipes import RecipeError, Step

@@ -11,24 +11,10 @@ outliers, so it is only chosen where bf16 activations have no hardware support.
 
 from __future__ import annotations
 
-import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-import torch
-
-_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-              "amx_int8", "asimd", "sve", "bf16", "i8mm")
-
-
-@dataclass
-class DeviceInfo:
-    kind: str  # "cuda", "mps" or "cpu"
-    name: str
-    cores: int
-    cpu_flags: list[str] = field(default_factory=list)
-    cuda_capability: tuple[int, int] | None = None
-    memory_bytes: int | None = None
+from engine.hardware import DeviceInfo, detect, has_native_bf16
 
 
 @dataclass
@@ -37,45 +23,6 @@ class Plan:
     int8_kernel: str | None
     threads: int
     reasons: list[str]
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return []
-    words = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            words |= set(line.split(":", 1)[1].split())
-    return [f for f in _CPU_FLAGS if f in words]
-
-
-def has_native_bf16(flags) -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run in hardware rather than emulated."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def detect() -> DeviceInfo:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return DeviceInfo("cuda", props.name, cores, _cpu_flags(), (props.major, props.minor), props.total_memory)
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return DeviceInfo("mps", "Apple MPS", cores, _cpu_flags())
-    return DeviceInfo("cpu", _cpu_name(), cores, _cpu_flags())
 
 
 class HardwareOptimizer:

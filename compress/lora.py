@@ -131,7 +131,7 @@ class LoRAStep(Step):
     def apply(self, state, ctx):
         from peft import LoraConfig, get_peft_model
 
-        from memory_model.train import autocast
+        from engine.hardware import autocast
 
         targets = self._targets()
         self._check(state)

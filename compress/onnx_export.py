@@ -55,9 +55,9 @@ class _Decoder(torch.nn.Module):
 
 
 def export_onnx(src: Path, out: Path, int8: bool = False, opset: int = 18, force: bool = False) -> dict:
-    from server.engine.config import ModelArgs
-    from server.engine.loader import build_model
-    from server.engine.quant import dequantize_state
+    from engine.config import ModelArgs
+    from engine.loader import build_model
+    from engine.quant import dequantize_state
 
     manifest = verify(src)
     config = json.loads((src / "config.json").read_text())

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from server.engine.quant import dequantize, quantize_per_channel
+from engine.quant import dequantize, quantize_per_channel
 
 from .calibration import calibration_stat
 from .recipes import RecipeError, Step
@@ -158,9 +158,9 @@ class ConsensusPruneStep(Step):
         return state
 
     def _model_judge(self, state, ctx):
-        from server.engine.config import ModelArgs
-        from server.engine.loader import build_model
-        from server.engine.quant import dequantize_state
+        from engine.config import ModelArgs
+        from engine.loader import build_model
+        from engine.quant import dequantize_state
 
         from .calibration import step_calibration_ids
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.engine.config import ModelArgs
-from server.engine.loader import fused_module_of
+from engine.config import ModelArgs
+from engine.loader import fused_module_of
 
 
 def engine_row(hf_name: str, args: ModelArgs) -> tuple[str, int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.generate import SamplingParams, generate
+from engine.generate import SamplingParams, generate
 
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "OC": "Oceania",
               "SA": "South America", "AN": "Antarctica"}

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from server.engine.loader import FUSED_PROJECTIONS
+from engine.loader import FUSED_PROJECTIONS
 
 from .recipes import RecipeError, Step
 
@@ -62,8 +62,8 @@ class QATStep(Step):
             raise RecipeError("qat needs dense float weights: put it before int8/int8-dynamic/svd")
         if self.act_bits not in (0, 8) or self.weight_bits not in (0, 8):
             raise RecipeError("qat: act_bits and weight_bits must be 0 or 8")
-        from server.engine.config import ModelArgs
-        from server.engine.loader import build_model
+        from engine.config import ModelArgs
+        from engine.loader import build_model
 
         from .calibration import training_windows
 

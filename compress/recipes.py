@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from server.engine.quant import quantize_per_channel
+from engine.quant import quantize_per_channel
 
 
 class RecipeError(ValueError):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.config import ModelArgs
-from server.engine.loader import build_model
-from server.engine.quant import dequantize, quantize_per_channel
+from engine.config import ModelArgs
+from engine.loader import build_model
+from engine.quant import dequantize, quantize_per_channel
 
 from .calibration import step_calibration_ids
 from .depth import _loss as calibration_loss

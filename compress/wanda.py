@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.config import ModelArgs
-from server.engine.loader import FUSED_PROJECTIONS, build_model
+from engine.config import ModelArgs
+from engine.loader import FUSED_PROJECTIONS, build_model
 
 from .calibration import step_calibration_ids
 from .recipes import RecipeError, Step

@@ -34,7 +34,7 @@ def _threads(n: int) -> None:
 
 
 def cmd_make_data(a) -> None:
-    from server.runner import load_model
+    from engine.runner import load_model
 
     from .cot import make_cot_data
 
@@ -159,7 +159,7 @@ def cmd_sft(a) -> None:
 
 
 def cmd_reinforce(a) -> None:
-    from server.runner import load_model
+    from engine.runner import load_model
 
     from .condense import MemoryModel
     from .cot import read_jsonl
@@ -185,7 +185,7 @@ def cmd_reinforce(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from server.runner import load_model
+    from engine.runner import load_model
 
     from .condense import MemoryModel
     from .cot import read_jsonl

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.engine.model import Transformer
+from engine.model import Transformer
 
 from .model import MemoryModelConfig, build_model
 from .tokenizer import Tokenizer

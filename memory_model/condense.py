@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.generate import SamplingParams, generate
+from engine.generate import SamplingParams, generate
 
 from .checkpoint import load_checkpoint
 

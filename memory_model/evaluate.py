@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from server.runner import LoadedModel
+from engine.runner import LoadedModel
 
 from . import large
 from .condense import MemoryModel

@@ -1,7 +1,7 @@
 """The large model's side of the hybrid loop, as the memory model's training and evaluation
 see it: how its prompts are written, batched greedy generation, and answer scoring.
 
-The large model is any artifact the server can load (`server.runner.load_model`); the
+The large model is any artifact the server can load (`engine.runner.load_model`); the
 prompts here are the ones the server's hybrid loop uses, so what REINFORCE optimises is
 what is served.
 """
@@ -12,8 +12,8 @@ from collections import defaultdict
 
 import torch
 
-from server.engine.generate import decode_one_token, prefill
-from server.runner import LoadedModel
+from engine.generate import decode_one_token, prefill
+from engine.runner import LoadedModel
 
 from .model import right_pad
 

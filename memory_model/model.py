@@ -1,7 +1,7 @@
 """The memory model: a decoder-only multi-head-attention transformer with RoPE, RMSNorm,
 SwiGLU and tied embeddings, and an explicit KV cache passed to `forward`.
 
-It is the serving engine's own decoder (`server.engine.model.Transformer`, written in
+It is the serving engine's own decoder (`engine.model.Transformer`, written in
 this repo and tested token-for-token against transformers) configured as plain MHA
 (n_kv_heads == n_heads). Sharing it means the memory model trains with the exact code
 that serves it, reuses `KVCache` / `prefill` / `decode_one_token` / `sample`, and can be
@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from server.engine.config import ModelArgs
-from server.engine.model import Transformer
+from engine.config import ModelArgs
+from engine.model import Transformer
 
 
 @dataclass

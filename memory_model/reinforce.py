@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.runner import LoadedModel
+from engine.runner import LoadedModel
 
 from . import large
 from .checkpoint import load_train_state, read_log, save_checkpoint

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from server.engine.model import Transformer
+from engine.hardware import autocast
+from engine.model import Transformer
 
 from .checkpoint import load_train_state, read_log, save_checkpoint
 from .model import MemoryModelConfig, lm_loss
@@ -59,21 +60,6 @@ def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95),
                              eps=1e-8, fused=fused)
-
-
-def cpu_has_bf16() -> bool:
-    from compress.hardware import detect, has_native_bf16
-
-    return has_native_bf16(detect().cpu_flags)
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX: measured 2.1x
-    the fp32 training throughput of mm-8m on this VM); fp32 elsewhere or when asked.
-    Weights, optimizer state and the loss stay fp32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestCounter
-from .runner import load_model
+from engine.runner import load_model
 from .serving import APIError, Serving, default_profiles
 
 log = logging.getLogger("server")

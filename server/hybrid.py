@@ -29,10 +29,10 @@ import torch
 from memory_model.condense import MemoryModel
 from memory_model.large import answer_messages, cot_messages
 
-from .detok import IncrementalDetokenizer, StopMatcher
-from .engine.generate import SamplingParams, decode_one_token, make_generator, prefill
-from .engine.sampling import sample
-from .runner import LoadedModel
+from engine.detok import IncrementalDetokenizer, StopMatcher
+from engine.generate import SamplingParams, decode_one_token, make_generator, prefill
+from engine.sampling import sample
+from engine.runner import LoadedModel
 
 
 @dataclass

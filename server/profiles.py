@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from clients.power import PowerState, detect_power
+from engine.power import PowerState, detect_power
 
 MODES = ("plugged", "battery", "auto")
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .engine.generate import SamplingParams
+from engine.generate import SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 

@@ -21,12 +21,12 @@ from jinja2 import TemplateError
 
 from . import protocol as P
 from .config import ServerConfig
-from .detok import IncrementalDetokenizer, StopMatcher
-from .engine.generate import SamplingParams, generate
+from engine.detok import IncrementalDetokenizer, StopMatcher
+from engine.generate import SamplingParams, generate
 from .hybrid import HybridParams, context_budget, hybrid_work
 from .metrics import Metrics
 from .profiles import Profile, ProfileManager
-from .runner import LoadedModel
+from engine.runner import LoadedModel
 from .scheduler import Job, QueueFull, Scheduler
 
 

@@ -1,0 +1,76 @@
+"""A loaded artifact: engine model + tokenizer + prompt formatting."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Completion-style chat format for base models that ship no chat template (Gemma-3-270M
+# base): chat-formatted prompts give such models garbage, a plain transcript does not.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] in ['system', 'developer'] %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}Assistant:"
+)
+PLAIN_STOPS = ["\nUser:"]  # the model would otherwise write the user's next turn
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    manifest: dict
+    eos_ids: set[int]
+    max_model_len: int
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[str]]:
+        """(prompt ids, implicit stop strings) for a chat request."""
+        if self.has_chat_template:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The template already writes BOS/special tokens where the model wants them.
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"], []
+        text = self.tokenizer.apply_chat_template(messages, chat_template=PLAIN_TEMPLATE,
+                                                  add_generation_prompt=False, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"], list(PLAIN_STOPS)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < self.model.args.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.model.args.vocab_size}): {bad[:5]}")
+            return list(prompt)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def load_model(path: str | Path, name: str | None = None, max_model_len: int | None = None,
+               verify: bool = True) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    from .artifact import load_engine_model
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    native = config.get("max_position_embeddings", 2048)
+    n_ctx = min(max_model_len or 4096, native)
+    model, manifest = load_engine_model(path, max_len=n_ctx, check=verify)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    eos = set(model.args.eos_token_ids)
+    gen_cfg = path / "generation_config.json"
+    if gen_cfg.is_file():
+        e = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        eos |= {e} if isinstance(e, int) else set(e or [])
+    if tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    return LoadedModel(name=name or path.name, path=path, model=model, tokenizer=tok, manifest=manifest,
+                       eos_ids=eos, max_model_len=n_ctx)

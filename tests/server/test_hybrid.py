@@ -1,0 +1,223 @@
+"""The hybrid loop with tiny random models: stage counts, budgets, accounting, streaming,
+KV-cache prefix reuse, cancellation mid-loop, and the request/response extensions."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+
+from server.config import ServerConfig
+
+from tests.live_server import LiveServer
+
+Q = [{"role": "user", "content": "Sam has 3 apples and buys 4 more. How many apples?"}]
+SMALL = {"loops": 2, "cot_groups": 2, "cot_group_tokens": 5, "condense_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def hybrid_srv(llama_artifact, mm_checkpoint):
+    srv = LiveServer(ServerConfig(artifacts=[f"tiny-chat={llama_artifact}"], memory_model=str(mm_checkpoint),
+                                  max_model_len=1024, ping_interval_s=0.01)).wait()
+    yield srv
+    srv.close()
+
+
+def _chat(srv, **body):
+    return httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny-chat", "messages": Q, **body},
+                      timeout=60)
+
+
+def test_hybrid_response_reports_every_stage_within_budgets(hybrid_srv):
+    r = _chat(hybrid_srv, hybrid=SMALL, max_tokens=6, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    msg = body["choices"][0]["message"]
+    assert isinstance(msg["content"], str)
+    assert "[loop 1] reasoning" in msg["reasoning_content"] and "[loop 2] condensed prompt" in msg["reasoning_content"]
+    assert msg["reasoning"] == msg["reasoning_content"]
+    u = body["usage"]
+    h = u["hybrid"]
+    assert h["loops"] == 2
+    assert 0 < h["raw_reasoning_tokens"] <= 2 * 2 * 5  # loops x groups x tokens per group
+    assert h["condensed_tokens"] <= 2 * 4
+    answer = h["large"]["completion_tokens"] - h["raw_reasoning_tokens"]
+    assert 0 < answer <= 6
+    assert u["completion_tokens_details"]["reasoning_tokens"] == h["raw_reasoning_tokens"] + h["condensed_tokens"]
+    assert u["completion_tokens"] == answer + u["completion_tokens_details"]["reasoning_tokens"]
+    assert h["small"]["completion_tokens"] == h["condensed_tokens"]
+    # three large-model prompts (2 CoT + answer) share the chat template's header
+    assert h["large"]["cached_tokens"] > 0
+    assert h["peak_context_tokens"] >= u["prompt_tokens"]
+    assert set(h["seconds"]) == {"cot", "condense", "answer"} and all(v >= 0 for v in h["seconds"].values())
+
+
+def test_stream_sends_reasoning_first_then_the_same_answer(hybrid_srv):
+    plain = _chat(hybrid_srv, hybrid=SMALL, max_tokens=6, temperature=0).json()
+    reasoning, content, order, usage, pings = "", "", [], None, 0
+    body = {"model": "tiny-chat", "messages": Q, "hybrid": SMALL, "max_tokens": 6, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    import json
+
+    with httpx.stream("POST", hybrid_srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith(":"):
+                pings += 1
+                continue
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk["choices"]:
+                d = c["delta"]
+                if d.get("reasoning_content"):
+                    assert d["reasoning"] == d["reasoning_content"]
+                    reasoning += d["reasoning_content"]
+                    order.append("r")
+                if d.get("content"):
+                    content += d["content"]
+                    order.append("c")
+    assert reasoning == plain["choices"][0]["message"]["reasoning_content"]
+    assert content == plain["choices"][0]["message"]["content"]
+    assert "r" in order and order.index("r") < (order.index("c") if "c" in order else len(order))
+    assert "c" not in order or "r" not in order[order.index("c"):]  # no reasoning after the answer starts
+    assert usage["hybrid"]["loops"] == 2
+
+
+def test_answer_prefix_opens_the_answer(hybrid_srv):
+    plain = _chat(hybrid_srv, hybrid=SMALL, max_tokens=4, temperature=0).json()
+    r = _chat(hybrid_srv, hybrid={**SMALL, "answer_prefix": "The answer is"}, max_tokens=4, temperature=0).json()
+    content = r["choices"][0]["message"]["content"]
+    assert content.startswith("The answer is") and content != plain["choices"][0]["message"]["content"]
+    assert r["usage"]["hybrid"]["large"]["completion_tokens"] - r["usage"]["hybrid"]["raw_reasoning_tokens"] <= 4
+
+
+def test_hidden_reasoning_sends_keepalive_pings(hybrid_srv):
+    body = {"model": "tiny-chat", "messages": Q, "max_tokens": 2, "stream": True,
+            "hybrid": {"loops": 6, "cot_groups": 4, "cot_group_tokens": 30, "return_reasoning": False}}
+    lines = []
+    with httpx.stream("POST", hybrid_srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = list(r.iter_lines())
+    assert any(line.startswith(": ping") for line in lines)
+    assert not any("reasoning_content" in line for line in lines)
+    assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
+
+
+def test_reasoning_effort_maps_onto_loops(hybrid_srv):
+    low = _chat(hybrid_srv, reasoning_effort="low", max_tokens=2,
+                hybrid={"cot_groups": 1, "cot_group_tokens": 3, "condense_tokens": 2}).json()
+    assert low["usage"]["hybrid"]["loops"] == 1
+    direct = _chat(hybrid_srv, reasoning_effort="none", max_tokens=2).json()
+    assert direct["usage"].get("hybrid") is None and not direct["choices"][0]["message"].get("reasoning_content")
+    off = _chat(hybrid_srv, hybrid={"enabled": False}, max_tokens=2).json()
+    assert off["usage"].get("hybrid") is None
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"hybrid": {"loops": 2, "bogus": 1}}, "hybrid.bogus"),
+    ({"hybrid": {"loops": -1}}, "hybrid.loops"),
+    ({"hybrid": {"loops": 1}, "n": 2}, "n"),
+    ({"hybrid": {"loops": 1}, "logprobs": True}, "logprobs"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+])
+def test_bad_hybrid_requests_are_openai_errors(hybrid_srv, extra, param):
+    r = _chat(hybrid_srv, max_tokens=2, **extra)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and param in (err["param"] or "")
+
+
+def test_hybrid_without_memory_model_is_refused(live):
+    r = httpx.post(live.url + "/v1/chat/completions", timeout=30,
+                   json={"model": "tiny-chat", "messages": Q, "hybrid": {"loops": 1}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "hybrid_unavailable"
+
+
+def test_hybrid_metrics_are_exported(hybrid_srv):
+    _chat(hybrid_srv, hybrid=SMALL, max_tokens=2)
+    text = httpx.get(hybrid_srv.url + "/metrics").text
+    for name in ("hybrid_loop_requests_total", 'hybrid_loop_stage_seconds_count{model="tiny-chat",stage="condense"}',
+                 'hybrid_loop_tokens_total{kind="cached",model="tiny-chat",role="large"}',
+                 'hybrid_loop_reasoning_tokens_total{kind="raw",model="tiny-chat"}',
+                 "hybrid_loop_peak_context_tokens_bucket"):
+        assert name in text, name
+
+
+def test_prefix_kv_reuses_shared_prefix_exactly(llama_artifact):
+    from server.hybrid import ModelStats, PrefixKV
+    from engine.runner import load_model
+
+    lm = load_model(llama_artifact)
+    a = list(range(5, 25))
+    b = a[:12] + [40, 41, 42]
+    st = ModelStats()
+    kv = PrefixKV(lm.model, 64, st)
+    kv.feed(a)
+    kv.step(7)
+    got = kv.feed(b)
+    fresh = lm.model(torch.tensor([b]), lm.model.new_cache(1, 64), last_only=True)[:, -1]
+    torch.testing.assert_close(got, fresh, rtol=1e-3, atol=1e-4)  # chunked vs one-shot fp32 prefill
+    assert st.cached_tokens == 12 and st.prompt_tokens == 20 + 3
+    assert kv.cache.pos == len(b)
+
+
+def test_cancel_mid_loop_stops_before_the_answer(llama_artifact, mm_checkpoint):
+    from memory_model.condense import MemoryModel
+    from engine.generate import SamplingParams
+    from server.hybrid import HybridParams, hybrid_work
+    from engine.runner import load_model
+
+    lm, mm = load_model(llama_artifact), MemoryModel(mm_checkpoint)
+    hp = HybridParams(loops=4, cot_groups=3, cot_group_tokens=20, condense_tokens=8)
+    cancel = threading.Event()
+    events = []
+    for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=50, temperature=0), 1024, [])(cancel):
+        events.append(ev[0])
+        if ev[0] == "reasoning" and "condensed prompt" in ev[1]:
+            cancel.set()  # client gone after the first loop
+    assert "step" not in events and "usage" not in events
+    # a full run of the same work reaches the answer
+    kinds = [ev[0] for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=5, temperature=0), 1024, [])(
+        threading.Event())]
+    assert kinds[-2:] == ["hybrid", "usage"] and "step" in kinds
+
+
+def test_chat_client_shows_hybrid_reasoning(hybrid_srv):
+    from clients.chat import stream_chat
+
+    body = {"model": "tiny-chat", "messages": Q, "max_tokens": 3, "temperature": 0, "hybrid": SMALL}
+    with httpx.Client(base_url=hybrid_srv.url, timeout=60) as c:
+        kinds = [k for k, _ in stream_chat(c, body)]
+    assert kinds[0] == "reasoning" and "content" in kinds
+    assert "reasoning" not in kinds[kinds.index("content"):]
+
+
+def _metric(srv, name):
+    lines = [line for line in httpx.get(srv.url + "/metrics").text.splitlines() if line.startswith(name)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_disconnect_mid_loop_frees_the_worker(hybrid_srv):
+    import time
+
+    before = _metric(hybrid_srv, "hybrid_requests_cancelled_total")
+    done_before = _metric(hybrid_srv, "hybrid_loop_requests_total")
+    body = {"model": "tiny-chat", "messages": Q, "max_tokens": 50, "stream": True,
+            "hybrid": {"loops": 16, "cot_groups": 8, "cot_group_tokens": 64, "condense_tokens": 64}}
+    with httpx.stream("POST", hybrid_srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if "reasoning_content" in line:
+                break  # first reasoning delta, then hang up
+    deadline = time.time() + 20
+    while _metric(hybrid_srv, "hybrid_requests_cancelled_total") <= before and time.time() < deadline:
+        time.sleep(0.02)
+    assert _metric(hybrid_srv, "hybrid_requests_cancelled_total") == before + 1
+    while _metric(hybrid_srv, "hybrid_requests_running") > 0 and time.time() < deadline:
+        time.sleep(0.02)
+    assert _metric(hybrid_srv, "hybrid_requests_running") == 0
+    # the loop never reached its answer (no hybrid stats recorded) and the server serves again
+    assert _metric(hybrid_srv, "hybrid_loop_requests_total") == done_before
+    assert _chat(hybrid_srv, hybrid=SMALL, max_tokens=2).status_code == 200
