@@ -23,7 +23,10 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestCounter
 from engine.runner import load_model
-from .serving import APIError, Serving, default_profiles
+from .context import ServingContext, default_profiles
+from .errors import APIError
+from .serving_chat import ChatServing
+from .serving_completion import CompletionServing
 
 log = logging.getLogger("server")
 
@@ -33,7 +36,9 @@ class AppState:
         self.cfg = cfg
         self.metrics = Metrics()
         self.profiles = default_profiles(cfg, self.metrics)  # before loading: /profile answers meanwhile
-        self.serving: Serving | None = None
+        self.serving: ServingContext | None = None
+        self.chat: ChatServing | None = None
+        self.completion: CompletionServing | None = None
         self.load_error: str | None = None
 
     def load(self) -> None:
@@ -51,7 +56,9 @@ class AppState:
                 from memory_model.condense import MemoryModel
 
                 memory = MemoryModel(self.cfg.memory_model)
-            self.serving = Serving(models, self.cfg, self.metrics, memory, self.profiles)
+            ctx = ServingContext.create(models, self.cfg, self.metrics, memory, self.profiles)
+            self.chat, self.completion = ChatServing(ctx), CompletionServing(ctx)
+            self.serving = ctx  # last: requests are admitted once everything above exists
             log.info("loaded %s in %.1fs", ", ".join(models), time.perf_counter() - t0)
         except Exception as e:  # surfaced on /health and on every request
             self.load_error = f"{type(e).__name__}: {e}"
@@ -76,7 +83,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app = FastAPI(title="hybrid-llm", lifespan=lifespan)
     app.state.hybrid = state
 
-    def serving() -> Serving:
+    def serving() -> ServingContext:
         if state.load_error:
             raise APIError(503, f"model failed to load: {state.load_error}", type="server_error", code="load_failed")
         if state.serving is None:
@@ -155,10 +162,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
-        return await serving().chat(req, request)
+        serving()  # 503 while loading
+        return await state.chat.create(req, request)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: P.CompletionRequest, request: Request):
-        return await serving().completion(req, request)
+        serving()  # 503 while loading
+        return await state.completion.create(req, request)
 
     return app

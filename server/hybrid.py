@@ -13,8 +13,10 @@ reuses the cached positions it shares with the previous one (the chat template's
 header and turn markers for the large model; `<bos><|prompt|>` and any unchanged prompt
 text for the memory model) and only the rest is prefilled.
 
-Events for the serving layer: ("reasoning", text) while thinking, then the same ("step",
-...) / ("usage", n) events as plain generation, with ("hybrid", HybridStats) before usage.
+Events for the serving layer (`engine.events`): `Reasoning` while thinking, then the same
+`TokenStep` / `Usage` events as plain generation, with `Stats(HybridStats)` before `Usage`.
+The memory model is reached through a `Condenser` (text in, text out), so the loop can be
+driven by a stub in tests.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from engine.detok import IncrementalDetokenizer, StopMatcher
+from engine.events import Delta, Event, Reasoning, Stats, TokenStep, Usage
+from engine.generate import SamplingParams, decode_one_token, make_generator, prefill
+from engine.runner import LoadedModel
+from engine.sampling import sample
 from memory_model.condense import MemoryModel
 from memory_model.large import answer_messages, cot_messages
-
-from engine.detok import IncrementalDetokenizer, StopMatcher
-from engine.generate import SamplingParams, decode_one_token, make_generator, prefill
-from engine.sampling import sample
-from engine.runner import LoadedModel
 
 
 @dataclass
@@ -121,99 +123,137 @@ def context_budget(n_prompt: int, hp: HybridParams, answer_tokens: int) -> int:
     return p + max(hp.cot_groups * hp.cot_group_tokens, answer_tokens) + 32
 
 
-def hybrid_work(lm: LoadedModel, mm: MemoryModel, messages: list[dict], hp: HybridParams, sp: SamplingParams,
-                capacity: int, stop: list[str], on_tokens: Callable[[int], None] = lambda n: None):
-    """Worker-side generator for one hybrid chat request (n = 1)."""
+class Condenser:
+    """(P, chain-of-thought) -> the next P, with the memory model's KV cache kept across
+    loops (`PrefixKV`); greedy, as the memory model was trained and evaluated."""
 
-    def work(cancel: threading.Event) -> Iterator[tuple]:
+    def __init__(self, mm: MemoryModel, stats: HybridStats):
+        self.mm, self.stats = mm, stats
+        self.kv = PrefixKV(mm.model, mm.cfg.max_len, stats.small)
+
+    def __call__(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> str:
+        ids = self.mm.input_ids(prompt, cot)
+        pick = lambda lg: int(lg[0].argmax())  # noqa: E731
+        out = list(_decode(self.kv, ids, self.mm.budget(ids, max_tokens), {self.mm.cfg.eos_id}, pick, cancel))
+        self.stats.small.completion_tokens += len(out)
+        self.stats.condensed_tokens += len(out)
+        return self.mm.tok.decode(out).strip()
+
+
+@dataclass
+class _Request:
+    """What every stage of one hybrid request shares."""
+    lm: LoadedModel
+    hp: HybridParams
+    sp: SamplingParams
+    history: list[dict]  # earlier chat turns, kept unchanged
+    stats: HybridStats
+    large_kv: PrefixKV
+    gen: torch.Generator
+    cancel: threading.Event
+    on_tokens: Callable[[int], None]
+
+    def say(self, text: str) -> Iterator[Event]:
+        if self.hp.return_reasoning and text:
+            yield Reasoning(text)
+
+    def pick(self, temperature: float) -> Callable[[torch.Tensor], int]:
+        return lambda lg: int(sample(lg, temperature, self.sp.top_k, self.sp.top_p, self.gen)[0])
+
+
+def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | str]:
+    """The large model's chain-of-thought about P, up to cot_groups lines; streams it as
+    reasoning and yields the whole text (a str) last."""
+    t0, hp = time.perf_counter(), r.hp
+    ids, _ = r.lm.encode_chat(r.history + cot_messages(p))
+    detok = IncrementalDetokenizer(r.lm.tokenizer, ids)
+    cot_text, groups, in_group, n_cot = "", 0, 0, 0
+    yield from r.say(f"[loop {loop + 1}] reasoning:\n")
+    for tok in _decode(r.large_kv, ids, hp.cot_groups * hp.cot_group_tokens, r.lm.eos_ids,
+                       r.pick(hp.cot_temperature), r.cancel):
+        n_cot += 1
+        r.on_tokens(1)
+        piece = detok.push(tok)
+        cot_text += piece
+        yield from r.say(piece)
+        in_group += 1
+        # a group (step) ends at a newline after some text, or at its token cap
+        if ("\n" in piece and cot_text.strip()) or in_group >= hp.cot_group_tokens:
+            groups, in_group = groups + 1, 0
+            if groups >= hp.cot_groups:
+                break
+    tail = detok.flush()  # an incomplete character held back at the end
+    yield from r.say(tail)
+    st = r.stats
+    st.raw_reasoning_tokens += n_cot
+    st.large.completion_tokens += n_cot
+    st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n_cot)
+    st.seconds["cot"] += time.perf_counter() - t0
+    yield cot_text + tail
+
+
+def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event]:
+    """The large model answers from P: TokenStep events, the last with its finish reason."""
+    t0, sp, lm = time.perf_counter(), r.sp, r.lm
+    ids, extra_stops = lm.encode_chat(r.history + answer_messages(p))
+    r.stats.final_prompt_tokens = len(lm.tokenizer(p, add_special_tokens=False)["input_ids"])
+    if r.hp.answer_prefix:  # the model continues the prefix, as the memory model's reward assumed
+        ids = ids + lm.tokenizer(r.hp.answer_prefix, add_special_tokens=False)["input_ids"]
+        yield TokenStep([Delta(0, r.hp.answer_prefix)], time.perf_counter())
+    detok = IncrementalDetokenizer(lm.tokenizer, ids)
+    stops = StopMatcher(stop + [s for s in extra_stops if s not in stop])
+    eos = set() if sp.ignore_eos else lm.eos_ids
+    n, finish = 0, None
+    for tok in _decode(r.large_kv, ids, sp.max_tokens, eos, r.pick(sp.temperature), r.cancel):
+        n += 1
+        r.on_tokens(1)
+        text = stops.feed(detok.push(tok))
+        finish = "stop" if stops.stopped else None
+        yield TokenStep([Delta(0, text, finish)], time.perf_counter())
+        if finish:
+            break
+    if finish is None:
+        text = stops.feed(detok.flush()) + stops.flush()
+        finish = "stop" if (n < sp.max_tokens or stops.stopped) and not r.cancel.is_set() else "length"
+        yield TokenStep([Delta(0, text, finish)], time.perf_counter())
+    st = r.stats
+    st.large.completion_tokens += n
+    st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n)
+    st.seconds["answer"] += time.perf_counter() - t0
+    st.seconds = {k: round(v, 4) for k, v in st.seconds.items()}
+    yield Stats(st)
+    yield Usage(n)
+
+
+def hybrid_work(lm: LoadedModel, mm: MemoryModel | None, messages: list[dict], hp: HybridParams,
+                sp: SamplingParams, capacity: int, stop: list[str], on_tokens: Callable[[int], None] = lambda n: None,
+                condenser: Callable[[HybridStats], Callable[..., str]] | None = None):
+    """Worker-side generator for one hybrid chat request (n = 1). `condenser(stats)` makes
+    the condensing function (default: the memory model `mm` with its own KV cache)."""
+
+    def work(cancel: threading.Event) -> Iterator[Event]:
         st = HybridStats()
-        large_kv = PrefixKV(lm.model, capacity, st.large)
-        small_kv = PrefixKV(mm.model, mm.cfg.max_len, st.small)
-        history, p = messages[:-1], messages[-1]["content"]
-        gen = make_generator(sp.seed)
-        cot_pick = lambda lg: int(sample(lg, hp.cot_temperature, sp.top_k, sp.top_p, gen)[0])  # noqa: E731
-        small_pick = lambda lg: int(lg[0].argmax())  # noqa: E731
-
-        def say(text: str):
-            return ("reasoning", text) if hp.return_reasoning and text else None
-
+        r = _Request(lm, hp, sp, messages[:-1], st, PrefixKV(lm.model, capacity, st.large),
+                     make_generator(sp.seed), cancel, on_tokens)
+        condense = condenser(st) if condenser else Condenser(mm, st)
+        p = messages[-1]["content"]
         for loop in range(hp.loops):
-            # 1. chain-of-thought from the large model
-            t0 = time.perf_counter()
-            ids, _ = lm.encode_chat(history + cot_messages(p))
-            detok = IncrementalDetokenizer(lm.tokenizer, ids)
-            cot_text, groups, in_group, n_cot = "", 0, 0, 0
-            if ev := say(f"[loop {loop + 1}] reasoning:\n"):
-                yield ev
-            for tok in _decode(large_kv, ids, hp.cot_groups * hp.cot_group_tokens, lm.eos_ids, cot_pick, cancel):
-                n_cot += 1
-                on_tokens(1)
-                piece = detok.push(tok)
-                cot_text += piece
-                if ev := say(piece):
+            cot = ""
+            for ev in _cot_stage(r, p, loop):  # 1. chain-of-thought from the large model
+                if isinstance(ev, str):
+                    cot = ev
+                else:
                     yield ev
-                in_group += 1
-                # a group (step) ends at a newline after some text, or at its token cap
-                if ("\n" in piece and cot_text.strip()) or in_group >= hp.cot_group_tokens:
-                    groups, in_group = groups + 1, 0
-                    if groups >= hp.cot_groups:
-                        break
-            tail = detok.flush()  # an incomplete character held back at the end
-            cot_text += tail
-            if ev := say(tail):
-                yield ev
-            st.raw_reasoning_tokens += n_cot
-            st.large.completion_tokens += n_cot
-            st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n_cot)
-            st.seconds["cot"] += time.perf_counter() - t0
             if cancel.is_set():
                 return
-            # 2. the memory model condenses (P, CoT) into the next P
-            t0 = time.perf_counter()
-            mids = mm.input_ids(p, cot_text.strip())
-            budget = mm.budget(mids, hp.condense_tokens)
-            out = list(_decode(small_kv, mids, budget, {mm.cfg.eos_id}, small_pick, cancel))
-            st.small.completion_tokens += len(out)
-            st.condensed_tokens += len(out)
-            condensed = mm.tok.decode(out).strip()
+            t0 = time.perf_counter()  # 2. the memory model condenses (P, CoT) into the next P
+            condensed = condense(p, cot.strip(), hp.condense_tokens, cancel)
             st.seconds["condense"] += time.perf_counter() - t0
-            if ev := say(f"\n[loop {loop + 1}] condensed prompt:\n{condensed or '(empty: prompt kept)'}\n\n"):
-                yield ev
-            if condensed:
-                p = condensed
+            yield from r.say(f"\n[loop {loop + 1}] condensed prompt:\n{condensed or '(empty: prompt kept)'}\n\n")
+            p = condensed or p
             st.loops += 1
             if cancel.is_set():
                 return
-        # 3. the large model answers from P
-        t0 = time.perf_counter()
-        ids, extra_stops = lm.encode_chat(history + answer_messages(p))
-        st.final_prompt_tokens = len(lm.tokenizer(p, add_special_tokens=False)["input_ids"])
-        if hp.answer_prefix:  # the model continues the prefix, as the memory model's reward assumed
-            ids = ids + lm.tokenizer(hp.answer_prefix, add_special_tokens=False)["input_ids"]
-            yield ("step", [(0, hp.answer_prefix, None, None)], time.perf_counter())
-        detok = IncrementalDetokenizer(lm.tokenizer, ids)
-        stops = StopMatcher(stop + [s for s in extra_stops if s not in stop])
-        answer_pick = lambda lg: int(sample(lg, sp.temperature, sp.top_k, sp.top_p, gen)[0])  # noqa: E731
-        eos = set() if sp.ignore_eos else lm.eos_ids
-        n, finish = 0, None
-        for tok in _decode(large_kv, ids, sp.max_tokens, eos, answer_pick, cancel):
-            n += 1
-            on_tokens(1)
-            text = stops.feed(detok.push(tok))
-            if stops.stopped:
-                finish = "stop"
-            yield ("step", [(0, text, finish, None)], time.perf_counter())
-            if finish:
-                break
-        if finish is None:
-            text = stops.feed(detok.flush()) + stops.flush()
-            finish = "stop" if (n < sp.max_tokens or stops.stopped) and not cancel.is_set() else "length"
-            yield ("step", [(0, text, finish, None)], time.perf_counter())
-        st.large.completion_tokens += n
-        st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n)
-        st.seconds["answer"] += time.perf_counter() - t0
-        st.seconds = {k: round(v, 4) for k, v in st.seconds.items()}
-        yield ("hybrid", st)
-        yield ("usage", n)
+        yield from _answer_stage(r, p, stop)  # 3. the large model answers from P
 
     return work

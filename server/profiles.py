@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+
+import torch
 
 from engine.power import PowerState, detect_power
 
@@ -84,3 +86,18 @@ class ProfileManager:
         return {"mode": self.mode, "active": p.name, "switches": self.switches,
                 "power": self.power.to_dict() if self.power else None,
                 "profiles": {k: v.to_dict() for k, v in self.profiles.items()}}
+
+
+def with_threads(work: Callable[[threading.Event], Iterator], profile: Profile,
+                 report: Callable[[int], None] = lambda n: None) -> Callable[[threading.Event], Iterator]:
+    """Run `work` with the profile's torch thread count, set on the worker thread itself (the
+    OpenMP thread count is per calling thread) at the start of each job, so a profile switch
+    applies from the next request on. `report` is told the count in effect."""
+
+    def run(cancel: threading.Event):
+        if profile.threads and torch.get_num_threads() != profile.threads:
+            torch.set_num_threads(profile.threads)
+        report(torch.get_num_threads())
+        yield from work(cancel)
+
+    return run

@@ -1,7 +1,8 @@
 """One worker thread running jobs in FIFO order, off the event loop.
 
-A job is a generator of events (built by the serving layer); the worker iterates it and
-hands each event to the job's asyncio queue. Cancellation (client gone) is a
+A job is a generator of typed events (`engine.events`, built by the serving layer); the
+worker iterates it and hands each event to the job's asyncio queue, adding `Failed` if the
+job raised and `Done` after every job. Cancellation (client gone) is a
 threading.Event the job's generator checks every token. The queue is bounded: a full
 queue is refused at submit time so the route can answer 429 with Retry-After.
 """
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from engine.events import Done, Event, Failed
+
 
 class QueueFull(Exception):
     pass
@@ -22,14 +25,14 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    work: Callable[[threading.Event], Iterator[tuple]]  # yields events; gets the cancel flag
+    work: Callable[[threading.Event], Iterator[Event]]  # yields events; gets the cancel flag
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
 
-    def emit(self, event: tuple) -> None:
+    def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -72,9 +75,9 @@ class Scheduler:
                         if job.cancel.is_set():
                             break
             except Exception as e:  # reported to the client; the worker keeps serving
-                job.emit(("error", e))
+                job.emit(Failed(e))
             finally:
-                job.emit(("end", None))
+                job.emit(Done())
                 with self._lock:
                     self.running -= 1
                     self._publish()

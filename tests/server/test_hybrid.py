@@ -165,24 +165,68 @@ def test_prefix_kv_reuses_shared_prefix_exactly(llama_artifact):
 
 
 def test_cancel_mid_loop_stops_before_the_answer(llama_artifact, mm_checkpoint):
-    from memory_model.condense import MemoryModel
+    from engine.events import Reasoning, Stats, TokenStep, Usage
     from engine.generate import SamplingParams
-    from server.hybrid import HybridParams, hybrid_work
     from engine.runner import load_model
+    from memory_model.condense import MemoryModel
+    from server.hybrid import HybridParams, hybrid_work
 
     lm, mm = load_model(llama_artifact), MemoryModel(mm_checkpoint)
     hp = HybridParams(loops=4, cot_groups=3, cot_group_tokens=20, condense_tokens=8)
     cancel = threading.Event()
     events = []
     for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=50, temperature=0), 1024, [])(cancel):
-        events.append(ev[0])
-        if ev[0] == "reasoning" and "condensed prompt" in ev[1]:
+        events.append(type(ev))
+        if isinstance(ev, Reasoning) and "condensed prompt" in ev.text:
             cancel.set()  # client gone after the first loop
-    assert "step" not in events and "usage" not in events
+    assert TokenStep not in events and Usage not in events
     # a full run of the same work reaches the answer
-    kinds = [ev[0] for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=5, temperature=0), 1024, [])(
+    kinds = [type(ev) for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=5, temperature=0), 1024, [])(
         threading.Event())]
-    assert kinds[-2:] == ["hybrid", "usage"] and "step" in kinds
+    assert kinds[-2:] == [Stats, Usage] and TokenStep in kinds
+
+
+class _RecordingModel:
+    """The loaded large model, recording every message list it renders."""
+
+    def __init__(self, lm):
+        self.lm, self.rendered = lm, []
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+    def encode_chat(self, messages):
+        self.rendered.append(messages)
+        return self.lm.encode_chat(messages)
+
+
+@pytest.mark.parametrize("condensed", ["Sam has 7 apples.", ""])
+def test_answer_stage_reads_exactly_the_condensed_prompt(llama_artifact, condensed):
+    """Algorithm 1: the large model answers from P = the memory model's output, or from the
+    user's prompt when the memory model wrote nothing."""
+    from engine.generate import SamplingParams
+    from engine.runner import load_model
+    from memory_model.large import answer_messages, cot_messages
+    from server.hybrid import HybridParams, hybrid_work
+
+    lm = _RecordingModel(load_model(llama_artifact))
+    seen = []
+
+    def stub(stats):
+        def condense(prompt, cot, max_tokens, cancel):
+            seen.append(prompt)
+            return condensed
+        return condense
+
+    history = [{"role": "system", "content": "Be brief."}]
+    hp = HybridParams(loops=2, cot_groups=1, cot_group_tokens=4)
+    work = hybrid_work(lm, None, history + Q, hp, SamplingParams(max_tokens=3, temperature=0), 512, [],
+                       condenser=stub)
+    list(work(threading.Event()))
+    p = condensed or Q[0]["content"]
+    assert seen == [Q[0]["content"], p]  # loop 2 condenses the P loop 1 produced
+    assert lm.rendered == [history + cot_messages(Q[0]["content"]), history + cot_messages(p),
+                           history + answer_messages(p)]
 
 
 def test_chat_client_shows_hybrid_reasoning(hybrid_srv):

@@ -1,0 +1,72 @@
+"""What every endpoint shares: the loaded models, the one generation worker, metrics,
+power profiles and the optional memory model; plus model lookup and the model list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.runner import LoadedModel
+
+from . import protocol as P
+from .config import ServerConfig
+from .errors import APIError
+from .metrics import Metrics
+from .profiles import Profile, ProfileManager
+from .scheduler import Scheduler
+
+
+def default_profiles(cfg: ServerConfig, metrics: Metrics | None = None) -> ProfileManager:
+    """plugged = the configured threads (or torch's startup count), the primary artifact, the
+    configured loops; battery = half the threads, the battery artifact, `battery_hybrid_loops`."""
+    full = cfg.threads or torch.get_num_threads()
+    plugged = Profile("plugged", threads=full, model=None, hybrid_loops=None)
+    battery = Profile("battery", threads=cfg.battery_threads or max(1, full // 2), model=cfg.battery_model(),
+                      hybrid_loops=cfg.battery_hybrid_loops or None)
+    return ProfileManager(cfg.profile, plugged, battery, cfg.power_poll_s,
+                          on_change=metrics.set_profile if metrics else (lambda a, p: None))
+
+
+@dataclass
+class ServingContext:
+    models: dict[str, LoadedModel]  # name -> artifact; the first is the primary model
+    cfg: ServerConfig
+    metrics: Metrics
+    profiles: ProfileManager
+    scheduler: Scheduler
+    memory: object = None  # memory_model.condense.MemoryModel, or None: no hybrid loop
+
+    @classmethod
+    def create(cls, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics, memory=None,
+               profiles: ProfileManager | None = None) -> ServingContext:
+        return cls(models, cfg, metrics, profiles or default_profiles(cfg, metrics),
+                   Scheduler(cfg.max_queue, metrics.set_queue_state), memory)
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    def model_for(self, name: str) -> LoadedModel:
+        """The artifact serving `name`: on battery, requests for the primary model go to the
+        battery artifact when one is configured (the response's `model` names it, as OpenAI
+        names the snapshot that answered)."""
+        prof = self.profiles.refresh()  # one read: a concurrent switch cannot split it
+        if name == self.default_model and prof.model:
+            return self.models[prof.model]
+        if name in self.models:
+            return self.models[name]
+        raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(self.models)}",
+                       param="model", code="model_not_found")
+
+    def model_list(self) -> P.ModelList:
+        prof = self.profiles.refresh()
+        return P.ModelList(data=[
+            P.ModelCard(id=name, created=int(lm.path.stat().st_mtime), max_model_len=lm.max_model_len,
+                        meta={"arch": lm.manifest.get("arch"), "recipe": lm.manifest.get("recipe"),
+                              "backend": lm.manifest.get("backend", "torch"),
+                              "dtype": lm.manifest.get("dtype"), "chat_template": lm.has_chat_template,
+                              "n_params": lm.manifest.get("n_params"), "profile": prof.name,
+                              "profile_mode": self.profiles.mode,
+                              "served_by": (prof.model or name) if name == self.default_model else name})
+            for name, lm in self.models.items()])
