@@ -31,8 +31,7 @@ def metric(url: str, name: str) -> float:
 
 
 def main() -> None:
-    from tests.live_server import LiveServer
-    from server.config import ServerConfig
+    from clients.launch import ServerProcess
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", required=True)
@@ -41,8 +40,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     name = Path(a.artifact).name
-    cfg = ServerConfig(artifacts=[a.artifact], max_model_len=2048, memory_model=None)
-    srv = LiveServer(cfg).wait(timeout=300)
+    srv = ServerProcess(["--artifact", a.artifact, "--max-model-len", "2048", "--memory-model", "none"])
     rows = []
     try:
         for _ in range(a.trials):

@@ -117,15 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     srv = None
     url, model = a.url, a.model or Path(a.artifact).name
     if url is None:
-        from tests.live_server import LiveServer
-        from server.config import ServerConfig
+        from clients.launch import ServerProcess
 
-        if a.threads:
-            import torch
-
-            torch.set_num_threads(a.threads)
-        srv = LiveServer(ServerConfig(artifacts=[f"{model}={a.artifact}"], memory_model=a.memory_model,
-                                      max_model_len=2048)).wait(timeout=300)
+        threads = ["--threads", str(a.threads)] if a.threads else []
+        srv = ServerProcess(["--artifact", f"{model}={a.artifact}", "--memory-model", a.memory_model or "none",
+                             "--max-model-len", "2048", *threads])
         url = srv.url
     hybrid = {"loops": a.loops, "cot_groups": a.cot_groups, "condense_tokens": a.condense_tokens}
     if a.answer_prefix:

@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from .bench_stats import describe
+from .launch import ServerProcess
 
 
 @dataclass
@@ -145,32 +144,6 @@ async def run_load(url: str, model: str | None, clients: int, seconds: float, ma
                        "samples": rss}}
 
 
-def free_port() -> int:
-    # a port the OS just handed out on loopback (the server binds it right after)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--artifact", artifact, "--port", str(port),
-                             "--memory-model", "none", "--log-level", "warning", *extra])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become healthy in 180 s")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.load", description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group(required=True)
@@ -187,27 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.clients < 1 or a.seconds <= 0 or a.max_tokens < 1:
         p.error("--clients, --seconds and --max-tokens must be positive")
-    proc = None
+    srv = None
     try:
         if a.spawn:
             extra = ["--max-queue", str(a.max_queue)] + (["--threads", str(a.threads)] if a.threads else [])
-            proc, url = spawn_server(a.spawn, extra)
-        else:
-            url = a.url
+            srv = ServerProcess(["--artifact", a.spawn, "--memory-model", "none", *extra], timeout=180)
+        url = srv.url if srv else a.url
         res = asyncio.run(run_load(url, a.model, a.clients, a.seconds, a.max_tokens,
-                                   proc.pid if proc else None, a.api_key))
+                                   srv.pid if srv else None, a.api_key))
     except (RuntimeError, httpx.HTTPError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    if proc is not None:
-        res["server_exit_code"] = proc.returncode
+        if srv is not None:
+            srv.close()
+    if srv is not None:
+        res["server_exit_code"] = srv.proc.returncode
     lat = res["latency_s"]
     print(f"{res['clients']} clients x {res['seconds']:.0f}s: sent {res['sent']}, completed {res['completed']}, "
           f"429 {res['rejected']}, errors {res['errors']}, lost {res['lost']}; "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT = str(Path(sys.executable).parent / "lint-imports")
-PACKAGES = ("engine", "compress", "memory_model", "server", "clients")
+PACKAGES = ("engine", "compress", "memory_model", "server", "clients", "tests")
 
 
 def _lint(cwd: Path, config: Path) -> subprocess.CompletedProcess:
@@ -52,8 +52,14 @@ def test_contracts_catch_a_cycle_inside_compress(tmp_path):
     assert r.returncode != 0 and "compress" in r.stdout
 
 
+def test_contracts_catch_production_code_importing_the_tests(tmp_path):
+    _fake_tree(tmp_path, {"clients": "import tests.mod\n"})
+    r = _lint(tmp_path, _config(tmp_path))
+    assert r.returncode != 0 and "tests" in r.stdout
+
+
 def test_a_clean_tree_passes_the_same_contracts(tmp_path):
     _fake_tree(tmp_path, {"server": "import memory_model.mod\nimport compress.mod\n", "compress": "import engine.mod\n",
-                          "clients": "import engine.mod\n"})
+                          "clients": "import engine.mod\n", "tests": "import server.mod\n"})
     r = _lint(tmp_path, _config(tmp_path))
     assert r.returncode == 0, r.stdout
