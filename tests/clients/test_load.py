@@ -11,8 +11,8 @@ def test_concurrent_streams_lose_nothing_and_overflow_is_429(llama_artifact, tmp
     rc = load_main(["--spawn", str(llama_artifact), "--clients", "8", "--seconds", "6", "--max-tokens", "16",
                     "--max-queue", "2", "--out", str(out)])
     r = json.loads(out.read_text())
-    assert rc == 0, r
-    assert r["errors"] == 0 and r["lost"] == 0 and r["error_samples"] == []
+    assert rc == 0, r.get("error_samples")  # the samples first: pytest truncates a long dict
+    assert r["errors"] == 0 and r["lost"] == 0 and r["error_samples"] == [], r["error_samples"]
     assert r["completed"] >= 5 and r["rejected"] > 0 and r["retry_after_missing"] == 0  # 8 clients > 1 + 2 slots
     assert r["sent"] == r["completed"] + r["rejected"]
     assert r["health_after"] == 200
