@@ -106,11 +106,11 @@ def cmd_eval(a) -> None:
     res = evaluate(model, tok, cfg, progress=not a.quiet)
     res["size_bytes"] = manifest["size_bytes"]
     if a.qa:
-        from .evaluate import _adds_bos
+        from .evaluate import adds_bos
         from .qa import QAConfig, qa_accuracy
 
         res["qa"] = qa_accuracy(model, tok, QAConfig(n_closed=a.qa_n, n_open=a.qa_n, max_new_tokens=a.qa_max_new_tokens),
-                                add_bos=_adds_bos(tok), progress=not a.quiet)
+                                add_bos=adds_bos(tok), progress=not a.quiet)
         print(f"QA ({res['qa']['dataset']}): closed-book {res['qa']['closed']['accuracy'] * 100:.1f}%, "
               f"open-book {res['qa']['open']['accuracy'] * 100:.1f}% (n={a.qa_n} each)")
     print(f"{Path(a.artifact).name}: perplexity {res['perplexity']:.3f} on {res['tokens']} tokens ({res['dataset']}), "
@@ -129,6 +129,7 @@ def cmd_inspect(a) -> None:
     m = verify(root) if a.verify else read_manifest(root)
     dtypes: Counter = Counter()
     modules: dict = {}  # projection kind -> {"form": Counter, "params": n, "zeros": n}
+    from engine import naming
     from engine.gptq_format import bits_of, dequantize_gptq, module_tensors
 
     from .artifact import load_state
@@ -136,17 +137,17 @@ def cmd_inspect(a) -> None:
     state = load_state(root)  # base weights and the adapter file, if any
     for k, t in state.items():
         dtypes[str(t.dtype).replace("torch.", "")] += t.numel()
-        if k.endswith(("_scale", ".qzeros", ".scales", ".g_idx")):
+        if naming.is_bookkeeping(k):
             continue
         kind = _module_kind(k)
         entry = modules.setdefault(kind, {"form": Counter(), "params": 0, "zeros": 0})
-        form = "int8" if k + "_scale" in state else str(t.dtype).replace("torch.", "")
-        if "_lr_" in k:
+        form = "int8" if naming.scale_name(k) in state else str(t.dtype).replace("torch.", "")
+        if naming.is_lowrank(k):
             form = f"low-rank r={min(t.shape)} {form}"
-        if ".lora_" in k:
+        if naming.is_adapter(k):
             form = f"adapter r={min(t.shape)} {form}"
-        if k.endswith(".qweight"):
-            gq = module_tensors(state, k[: -len(".qweight")])
+        if naming.is_gptq_weight(k):
+            gq = module_tensors(state, naming.gptq_module(k))
             form, t = f"gptq int{bits_of(gq)}", dequantize_gptq(gq, bits_of(gq))
         entry["form"][form] += 1
         entry["params"] += t.numel()
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "build" and not (a.source or a.model_dir):
         a.source = "smollm2-135m-instruct"
     from .artifact import ArtifactError
-    from .recipes import RecipeError
     from .sources import SourceError
+    from .step import RecipeError
 
     try:
         a.fn(a)

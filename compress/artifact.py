@@ -4,7 +4,7 @@ benchmarks); reading it is `engine.artifact`'s, re-exported here for the writers
 Layout: `model.safetensors` (HF tensor names; float recipes load in plain transformers,
 int8 recipes add `<name>_scale` tensors), `config.json`, tokenizer files, and
 `manifest.json` with the source, every step and its parameters, dtype/kernel, parameter
-count, size, evaluation results and a sha256 per file. Artifacts are written into a
+count, size, evaluation results and a sha256 per file (tensor names: engine/naming.py). Artifacts are written into a
 temp directory next to the target and renamed into place, so readers never see a
 half-written one; loading verifies every checksum first.
 """
@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from engine import naming
 from engine.artifact import (  # noqa: F401  (re-exported: compress's callers read and write)
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, MANIFEST, PEFT_PREFIX, WEIGHTS, ArtifactError, load_engine_model,
     load_state, read_manifest, sha256_file, verify)
@@ -131,7 +132,7 @@ def update_manifest(root: Path, **fields) -> dict:
 
 def split_adapter(state: dict) -> tuple[dict, dict]:
     """(base tensors, adapter tensors) of a recipe state."""
-    adapter = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+    adapter = {k: v for k, v in state.items() if naming.is_adapter(k)}
     return {k: v for k, v in state.items() if k not in adapter}, adapter
 
 
@@ -144,7 +145,7 @@ def write_peft_adapter(root: Path, adapter: dict, dtype: str = "float32") -> Non
 
     save_file({PEFT_PREFIX + k: v.to(getattr(torch, dtype)).contiguous() for k, v in adapter.items()},
               str(Path(root) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in adapter.items() if k.endswith(".lora_A.weight")}
+    ranks = {naming.adapter_module(k): v.shape[0] for k, v in adapter.items() if k.endswith(naming.ADAPTER_A)}
     r = max(ranks.values())
     pattern = {m: n for m, n in ranks.items() if n != r}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from engine import naming
 from engine.config import ModelArgs
 
 from .artifact import ADAPTER_WEIGHTS, WEIGHTS, split_adapter, write_artifact, write_peft_adapter
@@ -39,19 +40,19 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
     config, state = load_hf_dir(model_dir)
     args = ModelArgs.from_hf_config(config)  # refuses architectures the engine cannot serve
     if args.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        state.pop(naming.LM_HEAD, None)
     source_params = sum(t.numel() for t in state.values())
     ctx: dict = {"dtype": "float32", "int8_kernel": None, "config": config, "model_dir": model_dir,
                  "progress": progress}
     for step in steps:
         state = step.apply(state, ctx)
     n_params = stored_params(state)
-    lowrank = any(k.endswith("_lr_a") for k in state)
+    lowrank = any(k.endswith(naming.LR_A) for k in state)
     float_dtype = ctx.get("float_dtype") or (ctx["dtype"] if ctx["dtype"] in ("float16", "bfloat16") else "float32")
     config = {**config, "dtype": float_dtype, "torch_dtype": float_dtype}
     base, adapter = split_adapter(state)
-    int8 = any(k.endswith("_scale") and not k.endswith("_act_scale") for k in base)
-    gptq = any(k.endswith(".qweight") for k in base)
+    int8 = any(naming.is_int8_scale(k) for k in base)
+    gptq = any(naming.is_gptq_weight(k) for k in base)
 
     def fill(tmp: Path) -> dict:
         save_file({k: v.contiguous() for k, v in base.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -100,10 +101,10 @@ def stored_params(state: dict[str, torch.Tensor]) -> int:
     (they are stored densely)."""
     n = 0
     for k, t in state.items():
-        if k.endswith(("_scale", ".qzeros", ".scales", ".g_idx")):
+        if naming.is_bookkeeping(k):
             continue
-        if k.endswith(".qweight"):
-            n += t.shape[1] * state[k[: -len("qweight")] + "g_idx"].numel()
+        if naming.is_gptq_weight(k):
+            n += t.shape[1] * state[naming.gptq_name(naming.gptq_module(k), "g_idx")].numel()
         else:
             n += t.numel()
     return n

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.config import ModelArgs
@@ -85,6 +86,12 @@ def training_windows(ctx: dict, n: int, seq_len: int) -> list[list[int]]:
         return step_calibration_ids(ctx, n, seq_len)
     except ValueError:
         return step_calibration_ids(ctx, max(1, n // 4), seq_len)
+
+
+def calibration_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of an engine model on calibration windows ids (B, T)."""
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
 def calibration_stat(state: dict[str, torch.Tensor], ctx: dict, names: list[str], samples: int, seq_len: int,

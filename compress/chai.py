@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import naming
 from engine.config import ModelArgs
 from engine.loader import build_model
 
 from .calibration import step_calibration_ids
-from .prune import _layer_set
-from .recipes import RecipeError, Step
+from .precision import quantize_int8
+from .select import layer_set
+from .sensitivity import layer_sensitivity, select_layers
+from .step import RecipeError, Step
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50, restarts: int = 4
@@ -156,10 +159,11 @@ class ChaiStep(Step):
             raise RecipeError("chai: min_clusters must be >= 1 and max_residual in [0, 1)")
         if config.get("chai_representatives"):
             raise RecipeError("chai: the model is already clustered")
-        if any(k.endswith((".qweight", "_scale")) or "_lr_" in k or ".lora_" in k for k in state):
+        if any(naming.is_gptq_weight(k) or naming.is_scale(k) or naming.is_lowrank(k) or naming.is_adapter(k)
+               for k in state):
             raise RecipeError("chai works on float weights: put it before int8/gptq/svd/eora and kept adapters")
         args = ModelArgs.from_hf_config(config)
-        chosen = set(range(args.n_layers)) if self.layers == "all" else _layer_set(self.layers)
+        chosen = set(range(args.n_layers)) if self.layers == "all" else layer_set(self.layers)
         ids = torch.tensor(step_calibration_ids(ctx, self.samples, self.seq_len))
         model = build_model(args, {k: v.float() for k, v in state.items()}, max_len=ids.shape[1] + 1)
         x = model.embed(ids).float()
@@ -188,7 +192,7 @@ class ChaiStep(Step):
             keep_k = sorted({r // per for r in keep_q})
             k_heads += len(keep_k)
             hd = args.head_dim
-            p = f"model.layers.{layer}.self_attn."
+            p = naming.layer_prefix(layer) + "self_attn."
             state[p + "q_proj.weight"] = torch.cat([state[p + "q_proj.weight"][h * hd:(h + 1) * hd] for h in keep_q])
             state[p + "k_proj.weight"] = torch.cat([state[p + "k_proj.weight"][g * hd:(g + 1) * hd] for g in keep_k])
         config["chai_representatives"] = reps
@@ -217,19 +221,16 @@ class ChaiQuantStep(Step):
     name = "chai-quant"
 
     def apply(self, state, ctx):
-        from .recipes import _is_quantizable, quantize_int8
-        from .sensitivity import layer_sensitivity, select_layers
-
-        if any(k.endswith(("_scale", ".qweight")) or "_lr_" in k for k in state):
+        if any(naming.is_scale(k) or naming.is_gptq_weight(k) or naming.is_lowrank(k) for k in state):
             raise RecipeError("chai-quant quantizes float weights: it replaces int8/gptq, not follows them")
         scores = layer_sensitivity(state, ctx, self.metric, self.samples, self.seq_len)
         keep = set(select_layers(scores, self.critical, "high"))
 
         def critical(name: str) -> bool:
-            return name.startswith("model.layers.") and int(name.split(".")[2]) in keep
+            return naming.layer_index(name) in keep
         out = quantize_int8(state, ctx, skip=critical)
         for k, v in state.items():  # the critical layers' projections: 16-bit
-            if critical(k) and _is_quantizable(k, v):
+            if critical(k) and naming.is_quantizable(k, v):
                 out[k] = v.to(torch.bfloat16)
         before = sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in state.values())
         after = sum(v.numel() * v.element_size() for v in out.values())  # vs all-16-bit above

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine import naming
+
 from .calibration import calibration_stat
-from .prune import select_weights
-from .recipes import RecipeError, Step
+from .select import select_weights
+from .step import RecipeError, Step
 
 
 @dataclass
@@ -29,7 +31,7 @@ class ChannelPruneStep(Step):
     def apply(self, state, ctx):
         if not 0 < self.ratio < 1:
             raise RecipeError("channels: ratio must be in (0, 1)")
-        if any("_lr_" in k for k in state):
+        if any(naming.is_lowrank(k) for k in state):
             raise RecipeError("channels: run it before svd (it slices dense MLP matrices)")
         downs = select_weights(state, "down_proj", "all")
         grams = calibration_stat(state, ctx, downs, self.calib_samples, self.calib_seq_len)
@@ -38,14 +40,16 @@ class ChannelPruneStep(Step):
         state = dict(state)
         for down in downs:
             prefix = down[: -len("down_proj.weight")]
-            w_down = state[down].float() * (state[down + "_scale"][:, None] if down + "_scale" in state else 1)
+            down_scale = naming.scale_name(down)
+            w_down = state[down].float() * (state[down_scale][:, None] if down_scale in state else 1)
             importance = w_down.norm(dim=0) * grams[down].diagonal().clamp(min=0).sqrt()
             keep = importance.topk(keep_n).indices.sort().values  # keep channel order
             for proj in ("gate_proj", "up_proj"):  # rows; per-row int8 scales follow their rows
-                name = prefix + proj + ".weight"
+                name = naming.weight_of(prefix + proj)
+                scale = naming.scale_name(name)
                 state[name] = state[name][keep].contiguous()
-                if name + "_scale" in state:
-                    state[name + "_scale"] = state[name + "_scale"][keep].contiguous()
+                if scale in state:
+                    state[scale] = state[scale][keep].contiguous()
             state[down] = state[down][:, keep].contiguous()  # columns; row scales unchanged
         ctx["config"]["intermediate_size"] = keep_n
         self.stats = {"intermediate_size_before": hidden, "intermediate_size_after": keep_n,

@@ -22,21 +22,19 @@ states too: scoring uses a dequantized copy, and pruning only renames tensors.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from engine import naming
 from engine.config import ModelArgs
 from engine.loader import build_model
 from engine.quant import dequantize_state
 
-from .calibration import step_calibration_ids
-from .recipes import RecipeError, Step
+from .calibration import calibration_loss, step_calibration_ids
+from .step import RecipeError, Step
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 METRICS = ("ppl", "taylor", "magnitude")
 
 
@@ -45,11 +43,6 @@ class _SkipBlock(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         return x
-
-
-def _loss(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
 def layer_types_of(config: dict) -> list[str] | None:
@@ -69,26 +62,26 @@ def block_scores(state: dict[str, torch.Tensor], config: dict, candidates: list[
         float_state = dequantize_state(state)
         scores = {i: 0.0 for i in candidates}
         for k, v in float_state.items():
-            m = _LAYER.match(k)
-            if m and int(m.group(1)) in scores and v.dim() == 2:
-                scores[int(m.group(1))] += v.float().abs().sum().item()
+            at = naming.split_layer(k)
+            if at and at[0] in scores and v.dim() == 2:
+                scores[at[0]] += v.float().abs().sum().item()
         return scores
     model = build_model(ModelArgs.from_hf_config(config), dequantize_state(state), max_len=batches.shape[1] + 1)
     model.float()
     if metric == "ppl":
         scores = {}
         with torch.inference_mode():
-            scores[-1] = math.exp(_loss(model, batches).item())  # the unpruned model, for reference
+            scores[-1] = math.exp(calibration_loss(model, batches).item())  # the unpruned model, for reference
             for i in candidates:
                 block, model.layers[i] = model.layers[i], _SkipBlock()
-                scores[i] = math.exp(_loss(model, batches).item())
+                scores[i] = math.exp(calibration_loss(model, batches).item())
                 model.layers[i] = block
         return scores
     # taylor: gradients of the calibration loss w.r.t. every block weight
     for p in model.parameters():
         p.requires_grad_(True)
     for s in range(0, batches.shape[0], 4):
-        (_loss(model, batches[s:s + 4]) * min(4, batches.shape[0] - s) / batches.shape[0]).backward()
+        (calibration_loss(model, batches[s:s + 4]) * min(4, batches.shape[0] - s) / batches.shape[0]).backward()
     scores = {}
     for i in candidates:
         scores[i] = sum((p * p.grad).abs().sum().item() for p in model.layers[i].parameters() if p.grad is not None)
@@ -102,11 +95,11 @@ def remove_blocks(state: dict[str, torch.Tensor], config: dict, remove: set[int]
     new_index = {old: new for new, old in enumerate(keep)}
     out = {}
     for k, v in state.items():
-        m = _LAYER.match(k)
-        if m is None:
+        at = naming.split_layer(k)
+        if at is None:
             out[k] = v
-        elif int(m.group(1)) in new_index:
-            out[f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = v
+        elif at[0] in new_index:
+            out[naming.layer_prefix(new_index[at[0]]) + at[1]] = v
     config = dict(config)
     types = layer_types_of(config)
     config["num_hidden_layers"] = len(keep)

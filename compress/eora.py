@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import naming
 from engine.quant import dequantize_state
 
 from .calibration import calibration_stat, engine_module_for
-from .recipes import RecipeError, Step
+from .step import RecipeError, Step
 
 
 def eigenspace(gram: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +62,11 @@ class EoRAStep(Step):
             raise RecipeError("eora compensates a quantization error: put it right after gptq or int8")
         if self.rank < 1:
             raise RecipeError("eora: rank must be >= 1")
-        if any(".lora_A." in k for k in state):
+        if any(naming.is_adapter(k) for k in state):
             raise RecipeError("eora: the model already carries an adapter (merge the LoRA before quantizing)")
         names = sorted(reference)
         grams = calibration_stat(state, ctx, names, self.calib_samples, self.calib_seq_len, "gram")
-        served = dequantize_state({k: v for k, v in state.items()
-                                   if k.startswith("model.layers.") and ".lora_" not in k})
+        served = dequantize_state({k: v for k, v in state.items() if naming.in_layer(k) and not naming.is_adapter(k)})
         before = after = 0.0
         adapter_params = 0
         state = dict(state)
@@ -78,8 +78,8 @@ class EoRAStep(Step):
             if shared not in eig:
                 eig[shared] = eigenspace(g)
             a, b = eora_factors(delta, g, self.rank, eig[shared])
-            mod = n[: -len(".weight")]
-            state[f"{mod}.lora_A.weight"], state[f"{mod}.lora_B.weight"] = a, b
+            a_name, b_name = naming.adapter_names(naming.module_of(n))
+            state[a_name], state[b_name] = a, b
             adapter_params += a.numel() + b.numel()
             # activation-weighted error tr(Δ G Δᵀ) before and after the correction
             before += torch.einsum("oi,ij,oj->", delta.double(), g, delta.double()).item()

@@ -71,13 +71,13 @@ def evaluate(model: Transformer, tokenizer, cfg: EvalConfig, progress: bool = Tr
     from .data import DATASET_NAME, heldout_text
 
     ids = tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][: cfg.max_tokens + 1]
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     ppl = perplexity(model, ids, cfg.seq_len, bos, progress)
     lat = latency(model, ids[: cfg.prefill_tokens], cfg.decode_tokens, cfg.repeats)
     return {"dataset": DATASET_NAME, **ppl, **lat, "config": asdict(cfg)}
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer's own encoding starts with BOS (Gemma: yes, SmolLM2: no)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from engine import naming
 from engine.config import ModelArgs
 from engine.gptq_format import pack_gptq
 from engine.loader import FUSED_PROJECTIONS, build_model
 from engine.quant import quantize_per_channel
 
 from .calibration import step_calibration_ids
-from .recipes import RecipeError, Step
+from .step import RecipeError, Step
 from .wanda import pruned_mask
 
 
@@ -131,7 +132,7 @@ class GPTQStep(Step):
             raise RecipeError("gptq: embed must be keep or int8")
         if not 0 <= self.damp < 1:
             raise RecipeError("gptq: damp must be in [0, 1)")
-        if any(k.endswith(("_scale", ".qweight")) or "_lr_" in k for k in state):
+        if any(naming.is_scale(k) or naming.is_gptq_weight(k) or naming.is_lowrank(k) for k in state):
             raise RecipeError("gptq quantizes float weights: put it after pruning/LoRA and instead of int8/svd")
 
     @torch.inference_mode()
@@ -161,20 +162,21 @@ class GPTQStep(Step):
                 h = (2 * sum(gram) / (ids.numel())).float()
                 parts = []
                 for p in projs:
-                    name = f"model.layers.{layer}.{p}"
-                    w = state.pop(f"{name}.weight")
-                    reference[f"{name}.weight"] = w
+                    weight = naming.layer_weight(layer, p)
+                    name = naming.module_of(weight)
+                    w = state.pop(weight)
+                    reference[weight] = w
                     keep = pruned_mask(w) if self.keep_mask else None
                     r = gptq_quantize(w, h, self.bits, self.group_size, self.desc_act, self.sym, self.damp, keep=keep)
                     zeros_after += int((r["weight"] == 0).sum())
                     total += w.numel()
-                    for suffix, t in pack_gptq(r["codes"], r["zeros"], r["scales"], r["g_idx"], self.bits).items():
-                        state[f"{name}.{suffix}"] = t
+                    for part, t in pack_gptq(r["codes"], r["zeros"], r["scales"], r["g_idx"], self.bits).items():
+                        state[naming.gptq_name(name, part)] = t
                     losses[f"{name}"] = r["loss"]
                     parts.append(r["weight"])
                 module.weight.copy_(torch.cat(parts, dim=0))
             x = block(x, cos, sin, mask, None)  # the quantized block's outputs feed the next one
-        ragged = sorted({t.numel() for k, t in state.items() if k.endswith(".g_idx")
+        ragged = sorted({t.numel() for k, t in state.items() if naming.is_gptq_part(k, "g_idx")
                          if self.group_size > 0 and t.numel() % self.group_size})
         if ragged:  # this engine serves them; GPTQModel's kernels refuse them (checked with 7.7)
             ctx["hf_blocker"] = (f"GPTQModel kernels need in_features divisible by group_size {self.group_size}; "
@@ -197,8 +199,8 @@ class GPTQStep(Step):
         target = getattr(torch, self.dtype)
         out = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
         if self.embed == "int8":
-            for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            for k in (naming.EMBED, naming.LM_HEAD):
                 if k in state:
-                    out[k], out[k + "_scale"] = quantize_per_channel(state[k])
+                    out[k], out[naming.scale_name(k)] = quantize_per_channel(state[k])
             ctx["int8_kernel"] = "weight_only"
         return out

@@ -27,8 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine import naming
+
 from .calibration import training_windows
-from .recipes import RecipeError, Step
+from .chai import hf_chai_model
+from .select import layer_set
+from .sensitivity import layer_sensitivity, select_layers
+from .step import RecipeError, Step
 from .wanda import pruned_mask
 
 TARGET_GROUPS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
@@ -42,8 +47,6 @@ def hf_model_from_state(config: dict, state: dict[str, torch.Tensor]):
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config",)})
     cfg.dtype = torch.float32
     if config.get("chai_representatives"):  # CHAI-Target / CHAI-KD: train the clustered model itself
-        from .chai import hf_chai_model
-
         model = hf_chai_model(cfg, config["chai_representatives"])
     else:
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
@@ -99,16 +102,12 @@ class LoRAStep(Step):
         if self.layers == "all":
             return None
         if self.layers in ("high", "medium", "low"):
-            from .sensitivity import layer_sensitivity, select_layers
-
             scores = layer_sensitivity(state, ctx, self.metric)
             chosen = select_layers(scores, self.fraction, self.layers)
             self.stats = {"sensitivity": [round(x, 6) for x in scores]}
         else:
-            from .prune import _layer_set
-
             try:
-                chosen = sorted(_layer_set(self.layers))
+                chosen = sorted(layer_set(self.layers))
             except ValueError:
                 raise RecipeError(f"lora: layers must be all, high, medium, low or a list like 0-5; "
                                   f"got {self.layers!r}") from None
@@ -124,7 +123,8 @@ class LoRAStep(Step):
             raise RecipeError("lora: precision must be auto, bf16 or fp32")
         if not 0 <= self.kd <= 1 or not 0 <= self.dropout < 1:
             raise RecipeError("lora: kd must be in [0, 1] and dropout in [0, 1)")
-        if any(k.endswith(("_scale", ".qweight")) or "_lr_" in k or ".lora_" in k for k in state):
+        if any(naming.is_scale(k) or naming.is_gptq_weight(k) or naming.is_lowrank(k) or naming.is_adapter(k)
+               for k in state):
             raise RecipeError("lora trains on float weights: put it before int8/gptq/svd/eora "
                               "(e.g. depth -> wanda -> lora -> gptq -> eora)")
 
@@ -194,9 +194,10 @@ class LoRAStep(Step):
             a = module.lora_A["default"].weight.detach().float()  # (r, in)
             b = module.lora_B["default"].weight.detach().float() * module.scaling["default"]  # (out, r)
             if not self.merge:
-                state[f"{mod}.lora_A.weight"], state[f"{mod}.lora_B.weight"] = a.contiguous(), b.contiguous()
+                a_name, b_name = naming.adapter_names(mod)
+                state[a_name], state[b_name] = a.contiguous(), b.contiguous()
                 continue
-            key = f"{mod}.weight"
+            key = naming.weight_of(mod)
             w = state[key]
             delta = b @ a
             kept = pruned_mask(w)

@@ -30,49 +30,26 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from engine import naming
 from engine.quant import dequantize, quantize_per_channel
 
 from .calibration import calibration_stat
-from .recipes import RecipeError, Step
-
-_GROUPS = {"mlp": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-_GROUPS["all"] = _GROUPS["attn"] + _GROUPS["mlp"]
-
-
-def select_weights(state: dict, modules: str, layers: str) -> list[str]:
-    """HF weight names matching a module selector ("mlp", "attn", "all" or projection
-    names like "up_proj+down_proj") and a layer selector ("all", "3", "0-5", "1+4")."""
-    projs: list[str] = []
-    for m in modules.replace("+", ",").split(","):
-        projs += _GROUPS.get(m.strip(), [m.strip()])
-    keep_layer = (lambda i: True) if layers == "all" else _layer_set(layers).__contains__
-    names = [k for k in state if k.endswith(".weight") and k.startswith("model.layers.") and ".lora_" not in k
-             and k.split(".")[4] in projs and keep_layer(int(k.split(".")[2]))]
-    if not names:
-        raise RecipeError(f"no weights match modules={modules!r} layers={layers!r}")
-    return sorted(names, key=lambda k: (int(k.split(".")[2]), k))
-
-
-def _layer_set(spec: str) -> set[int]:
-    out: set[int] = set()
-    for part in spec.replace("+", ",").split(","):
-        a, _, b = part.partition("-")
-        out |= set(range(int(a), int(b or a) + 1))
-    return out
+from .select import select_weights
+from .step import RecipeError, Step
 
 
 def _take_float(state: dict, name: str) -> tuple[torch.Tensor, bool]:
     """(float weight, was_int8), removing the int8 form from state. Lets pruning/SVD run
     after quantization (the seed's Q⇒P+SV order): they work on the dequantized weights
     and hand back int8 where int8 came in."""
-    if name + "_scale" in state:
-        return dequantize(state.pop(name), state.pop(name + "_scale")), True
+    if naming.scale_name(name) in state:
+        return dequantize(state.pop(name), state.pop(naming.scale_name(name))), True
     return state.pop(name).float(), False
 
 
 def _put(state: dict, name: str, w: torch.Tensor, int8: bool, dtype: torch.dtype) -> None:
     if int8:
-        state[name], state[name + "_scale"] = quantize_per_channel(w)
+        state[name], state[naming.scale_name(name)] = quantize_per_channel(w)
     else:
         state[name] = w.to(dtype).contiguous()
 
@@ -225,16 +202,18 @@ class SVDStep(Step):
                 continue
             root = s[:r].sqrt()
             a, b = root[:, None] * vh[:r], u[:, :r] * root
-            _put(state, n + "_lr_a", a, was_int8, dtype)  # (r, in)
-            _put(state, n + "_lr_b", b, was_int8, dtype)  # (out, r)
+            a_name, b_name = naming.lowrank_names(n)
+            _put(state, a_name, a, was_int8, dtype)  # (r, in)
+            _put(state, b_name, b, was_int8, dtype)  # (out, r)
             if nnz:
                 resid = w - b @ a
                 keep = torch.zeros(w.numel(), dtype=torch.bool)
                 keep[resid.abs().flatten().topk(nnz).indices] = True
                 sp = (resid * keep.view_as(w)).to_sparse_csr()
-                state[n + "_sp_crow"] = sp.crow_indices().to(torch.int32)
-                state[n + "_sp_col"] = sp.col_indices().to(torch.int32)
-                state[n + "_sp_val"] = sp.values().float()
+                crow, col, val = naming.sparse_names(n)
+                state[crow] = sp.crow_indices().to(torch.int32)
+                state[col] = sp.col_indices().to(torch.int32)
+                state[val] = sp.values().float()
             ranks.append(r)
             kept.append(float((s[:r] ** 2).sum() / (s ** 2).sum()))
         self.stats = {"matrices": len(ranks), "skipped_not_smaller": skipped,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine import naming
 from engine.config import ModelArgs
 from engine.loader import fused_module_of
 
@@ -24,7 +25,7 @@ def engine_row(hf_name: str, args: ModelArgs) -> tuple[str, int]:
     kv = args.n_kv_heads * args.head_dim
     rows = {"q_proj": args.n_heads * args.head_dim, "k_proj": kv, "v_proj": kv,
             "gate_proj": args.hidden_dim, "up_proj": args.hidden_dim}
-    return path, sum(rows[n.split(".")[4]] for n in fused[:fused.index(hf_name)])
+    return path, sum(rows[naming.projection_of(n)] for n in fused[:fused.index(hf_name)])
 
 
 @torch.no_grad()

@@ -20,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine import naming
 from engine.loader import FUSED_PROJECTIONS
 
-from .recipes import RecipeError, Step
+from .step import RecipeError, Step
 
 
 def fake_quant_rows(w: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class QATStep(Step):
     name = "qat"
 
     def apply(self, state, ctx):
-        if any(k.endswith(("_scale", "_lr_a")) for k in state):
+        if any(k.endswith((naming.SCALE, naming.LR_A)) for k in state):
             raise RecipeError("qat needs dense float weights: put it before int8/int8-dynamic/svd")
         if self.act_bits not in (0, 8) or self.weight_bits not in (0, 8):
             raise RecipeError("qat: act_bits and weight_bits must be 0 or 8")
@@ -99,9 +100,9 @@ class QATStep(Step):
             for path, names in FUSED_PROJECTIONS.items():
                 parent, attr = path.split(".")
                 w = getattr(getattr(block, parent), attr).weight.detach()
-                sizes = [state[f"model.layers.{i}.{n}.weight"].shape[0] for n in names]
+                sizes = [state[naming.layer_weight(i, n)].shape[0] for n in names]
                 for n, part in zip(names, w.split(sizes, dim=0)):
-                    key = f"model.layers.{i}.{n}.weight"
+                    key = naming.layer_weight(i, n)
                     state[key] = part.to(state[key].dtype).contiguous()
         k = max(1, len(losses) // 5)
         self.stats = {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,

@@ -19,9 +19,8 @@ from engine.config import ModelArgs
 from engine.loader import build_model
 from engine.quant import dequantize, quantize_per_channel
 
-from .calibration import step_calibration_ids
-from .depth import _loss as calibration_loss
-from .recipes import RecipeError
+from .calibration import calibration_loss, step_calibration_ids
+from .step import RecipeError
 
 METRICS = ("perturb", "attention", "clusters")
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import naming
+
 from .calibration import calibration_stat
-from .prune import select_weights
-from .recipes import RecipeError, Step
+from .select import select_weights
+from .step import RecipeError, Step
 
 
 @dataclass
@@ -33,7 +35,7 @@ class SmoothStep(Step):
     name = "smooth"
 
     def apply(self, state, ctx):
-        if any(k.endswith(("_scale", "_lr_a")) for k in state):
+        if any(k.endswith((naming.SCALE, naming.LR_A)) for k in state):
             raise RecipeError("smooth needs dense float weights: put it before int8/int8-dynamic/svd")
         heads = select_weights(state, "q_proj+gate_proj+down_proj", "all")
         amax = calibration_stat(state, ctx, heads, self.calib_samples, self.calib_seq_len, "absmax")
@@ -42,8 +44,8 @@ class SmoothStep(Step):
         state = dict(state)
         ratios = []
         for head in heads:
-            layer = ".".join(head.split(".")[:3]) + "."
-            proj = head.split(".")[4]
+            layer = naming.layer_prefix(naming.layer_index(head))
+            proj = naming.projection_of(head)
             if proj == "q_proj":
                 group = [layer + f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")]
                 norm = layer + "input_layernorm.weight"

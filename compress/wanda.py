@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import naming
 from engine.config import ModelArgs
 from engine.loader import FUSED_PROJECTIONS, build_model
 
 from .calibration import step_calibration_ids
-from .recipes import RecipeError, Step
+from .step import RecipeError, Step
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -93,7 +94,7 @@ class WandaStep(Step):
             raise RecipeError("wanda: score must be wanda or magnitude")
         if self.modules not in ("all", "mlp", "attn"):
             raise RecipeError("wanda: modules must be all, mlp or attn")
-        if any(k.endswith("_scale") or "_lr_" in k for k in state):
+        if any(naming.is_scale(k) or naming.is_lowrank(k) for k in state):
             raise RecipeError("wanda: run it before int8/svd steps (it prunes float weights)")
         config = ctx["config"]
         args = ModelArgs.from_hf_config(config)
@@ -119,7 +120,7 @@ class WandaStep(Step):
                 h.remove()
             for path in paths:
                 norm = sq[path].sqrt().float() if self.score == "wanda" else torch.ones_like(sq[path]).float()
-                names = [f"model.layers.{layer}.{p}.weight" for p in FUSED_PROJECTIONS[path]]
+                names = [naming.layer_weight(layer, p) for p in FUSED_PROJECTIONS[path]]
                 for name in names:
                     w = state[name]
                     keep = self._mask(w.float().abs() * norm[None, :])

@@ -4,7 +4,7 @@ only), and the engine model built from them. Writing artifacts is `compress.arti
 Layout: `model.safetensors` (HF tensor names; float recipes load in plain transformers,
 int8 recipes add `<name>_scale` tensors), `config.json`, tokenizer files, and
 `manifest.json` with the source, every step and its parameters, dtype/kernel, parameter
-count, size, evaluation results and a sha256 per file.
+count, size, evaluation results and a sha256 per file. Tensor names follow engine/naming.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Per quantized projection `<module>` (e.g. `model.layers.3.mlp.up_proj`), HF name
                                           (the "gptq" v1 checkpoint_format; GPTQModel adds the 1 back)
   scales   fp16  (groups, out)
   g_idx    int32 (in,)                    group of each input column (act-order permutes it)
-and w[o, i] = scales[g_idx[i], o] * (q[i, o] - zeros[g_idx[i], o]).
+and w[o, i] = scales[g_idx[i], o] * (q[i, o] - zeros[g_idx[i], o]). Names come from naming.py.
 
 At run time 4-bit weights use torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, the
 one gpt-fast/torchao use), whose contract is w = (q - 8) * scale + zero per group with bf16
@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+from . import naming
+
+SUFFIXES = naming.GPTQ_PARTS  # the four tensors of a module, in the order pack_gptq returns them
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
 
 
@@ -76,11 +78,11 @@ def dequantize_gptq(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
 
 def gptq_modules(state: dict) -> list[str]:
     """Module names (without suffix) stored in GPTQ form."""
-    return sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    return sorted(naming.gptq_module(k) for k in state if naming.is_gptq_weight(k))
 
 
 def module_tensors(state: dict, module: str) -> dict[str, torch.Tensor]:
-    return {s: state[f"{module}.{s}"] for s in SUFFIXES}
+    return {s: state[naming.gptq_name(module, s)] for s in SUFFIXES}
 
 
 def bits_of(t: dict[str, torch.Tensor]) -> int:
@@ -93,10 +95,10 @@ def dequantize_gptq_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     mods = gptq_modules(state)
     if not mods:
         return state
-    out = {k: v for k, v in state.items() if not any(k == f"{m}.{s}" for m in mods for s in SUFFIXES)}
+    out = {k: v for k, v in state.items() if not any(k == naming.gptq_name(m, s) for m in mods for s in SUFFIXES)}
     for m in mods:
         t = module_tensors(state, m)
-        out[f"{m}.weight"] = dequantize_gptq(t, bits_of(t))
+        out[naming.weight_of(m)] = dequantize_gptq(t, bits_of(t))
     return out
 
 

@@ -6,6 +6,7 @@ low-rank factors as `<name>_lr_a` / `<name>_lr_b` (the SVD step), themselves flo
 GPTQ modules as `<module>.qweight/qzeros/scales/g_idx` (gptq_format.py). A projection may also
 carry a low-rank adapter (LoRA kept unmerged, or EoRA): `<module>.lora_A.weight` (r, in) and
 `<module>.lora_B.weight` (out, r) with the scaling folded into B, added to the base output.
+The names are naming.py's contract; this module only reads them through it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import naming
 from .config import ModelArgs
 from .gptq_format import gptq_linear, module_tensors
 from .model import Transformer, rope_tables
 from .quant import Int8Embedding, int8_linear
-
-_ATTN = "model.layers.{i}.self_attn."
 
 # Engine module of each layer -> the HF projections fused into it, in row order. The one
 # place that knows the fusion; calibration, QAT and pruning derive their mappings from it.
@@ -36,7 +36,7 @@ def fused_module_of(hf_name: str) -> tuple[str, list[str]]:
     layer, proj = parts[2], ".".join(parts[3:5])
     for path, projs in FUSED_PROJECTIONS.items():
         if proj in projs:
-            return f"layers.{layer}.{path}", [f"model.layers.{layer}.{p}.weight" for p in projs]
+            return f"layers.{layer}.{path}", [naming.layer_weight(layer, p) for p in projs]
     raise KeyError(f"{hf_name!r} is not a fused projection weight")
 
 
@@ -44,20 +44,15 @@ def _get(state: dict, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (tensor, scale or None); missing names raise a clear KeyError."""
     if name not in state:
         raise KeyError(f"weight {name!r} missing from checkpoint")
-    return state[name], state.get(name + "_scale")
-
-
-def _module(name: str) -> str:
-    """'model.layers.0.mlp.up_proj.weight' -> 'model.layers.0.mlp.up_proj'."""
-    return name[: -len(".weight")]
+    return state[name], state.get(naming.scale_name(name))
 
 
 def _kind(state: dict, name: str) -> str:
-    if name + "_lr_a" in state:
+    if naming.lowrank_names(name)[0] in state:
         return "lowrank"
-    if _module(name) + ".qweight" in state:
+    if naming.gptq_name(naming.module_of(name), "qweight") in state:
         return "gptq"
-    return "int8" if name + "_scale" in state else "float"
+    return "int8" if naming.scale_name(name) in state else "float"
 
 
 class LowRank(nn.Module):
@@ -108,15 +103,15 @@ class WithAdapter(nn.Module):
 
 def _adapter(state: dict, names: list[str], base: nn.Module, dtype) -> nn.Module:
     """Wrap `base` (the fused module of `names`) with the parts' adapters, if any."""
-    mods = [_module(n) for n in names]
-    if not any(m + ".lora_A.weight" in state for m in mods):
+    adapters = [naming.adapter_names(naming.module_of(n)) for n in names]
+    if not any(a in state for a, _ in adapters):
         return base
     a_parts, b_parts = [], []
-    for m, n in zip(mods, names):
+    for (a, b), n in zip(adapters, names):
         out_f = _out_features(state, n)
-        if m + ".lora_A.weight" in state:
-            a_parts.append(state[m + ".lora_A.weight"].float())
-            b_parts.append(state[m + ".lora_B.weight"].float())
+        if a in state:
+            a_parts.append(state[a].float())
+            b_parts.append(state[b].float())
         else:  # no adapter on this part: a rank-0 block
             a_parts.append(torch.zeros(0, _in_features(state, n)))
             b_parts.append(torch.zeros(out_f, 0))
@@ -125,17 +120,17 @@ def _adapter(state: dict, names: list[str], base: nn.Module, dtype) -> nn.Module
 
 def _out_features(state: dict, name: str) -> int:
     if _kind(state, name) == "gptq":
-        return state[_module(name) + ".scales"].shape[1]
+        return state[naming.gptq_name(naming.module_of(name), "scales")].shape[1]
     if _kind(state, name) == "lowrank":
-        return state[name + "_lr_b"].shape[0]
+        return state[naming.lowrank_names(name)[1]].shape[0]
     return state[name].shape[0]
 
 
 def _in_features(state: dict, name: str) -> int:
     if _kind(state, name) == "gptq":
-        return state[_module(name) + ".g_idx"].numel()
+        return state[naming.gptq_name(naming.module_of(name), "g_idx")].numel()
     if _kind(state, name) == "lowrank":
-        return state[name + "_lr_a"].shape[1]
+        return state[naming.lowrank_names(name)[0]].shape[1]
     return state[name].shape[1]
 
 
@@ -166,16 +161,17 @@ def _linear(state: dict, name: str, dtype, kernel: str) -> nn.Module:
     """One projection: dense float, int8 (`name` + `name_scale`), or low-rank
     (`name_lr_a` (r, in) and `name_lr_b` (out, r), each float or int8)."""
     if _kind(state, name) == "gptq":
-        return gptq_linear([module_tensors(state, _module(name))], dtype)
+        return gptq_linear([module_tensors(state, naming.module_of(name))], dtype)
     if _kind(state, name) == "lowrank":
-        lr = LowRank(_linear(state, name + "_lr_a", dtype, kernel), _linear(state, name + "_lr_b", dtype, kernel))
-        if name + "_sp_val" not in state:
+        a, b = naming.lowrank_names(name)
+        lr = LowRank(_linear(state, a, dtype, kernel), _linear(state, b, dtype, kernel))
+        crow, col, val = naming.sparse_names(name)
+        if val not in state:
             return lr
-        out_f = state[name + "_sp_crow"].numel() - 1
-        in_f = (state[name + "_lr_a"]).shape[1]
-        return SparseLowRank(lr, state[name + "_sp_crow"], state[name + "_sp_col"], state[name + "_sp_val"],
-                             (out_f, in_f))
-    return _dense(*_get(state, name), dtype, kernel, state.get(name + "_act_scale"))
+        out_f = state[crow].numel() - 1
+        in_f = state[a].shape[1]
+        return SparseLowRank(lr, state[crow], state[col], state[val], (out_f, in_f))
+    return _dense(*_get(state, name), dtype, kernel, state.get(naming.act_scale_name(name)))
 
 
 def _projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
@@ -187,12 +183,12 @@ def _projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
 def _base_projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Module:
     kinds = {_kind(state, n) for n in names}
     if kinds == {"gptq"}:
-        return gptq_linear([module_tensors(state, _module(n)) for n in names], dtype)
+        return gptq_linear([module_tensors(state, naming.module_of(n)) for n in names], dtype)
     if len(names) == 1 or kinds == {"lowrank"} or len(kinds) > 1:
         parts = [_linear(state, n, dtype, kernel) for n in names]
         return parts[0] if len(parts) == 1 else Parallel(parts)
     ws, scales = zip(*(_get(state, n) for n in names))
-    acts = [state.get(n + "_act_scale") for n in names]  # parts share one input, so one scale
+    acts = [state.get(naming.act_scale_name(n)) for n in names]  # parts share one input, so one scale
     act = torch.stack(acts).max() if all(a is not None for a in acts) else None
     return _dense(torch.cat(ws, dim=0), None if kinds == {"float"} else torch.cat(scales, dim=0), dtype, kernel, act)
 
@@ -206,13 +202,13 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     """state: HF-named tensors. dtype applies to float weights. Int8 weights stay int8 and
     fix the activation dtype to their kernel's contract: bf16 for "weight_only", fp32 for
     "dynamic"."""
-    any_int8 = any(k.endswith("_scale") and not k.endswith("_act_scale") for k in state)
-    any_int4 = any(k.endswith(".qweight") for k in state)
+    any_int8 = any(naming.is_int8_scale(k) for k in state)
+    any_int4 = any(naming.is_gptq_weight(k) for k in state)
     if any_int4 and (not any_int8 or int8_kernel == "weight_only"):
         compute = torch.bfloat16  # the CPU int4 kernel's activation dtype
     elif any_int8:
         # bf16 activations only for the weight-only kernel; W8A8 kernels take fp32 input
-        static = any(k.endswith("_act_scale") for k in state)
+        static = any(naming.is_act_scale(k) for k in state)
         compute = torch.bfloat16 if int8_kernel == "weight_only" and not static else torch.float32
     else:
         compute = dtype
@@ -223,12 +219,12 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     for name, buf in rope_buffers(args, model.max_len).items():
         setattr(model, name, buf)  # fp32 tables, cast per forward like HF does
     for i, block in enumerate(model.layers):
-        a = _ATTN.format(i=i)
         for path, projs in FUSED_PROJECTIONS.items():
             parent, attr = path.split(".")
-            names = [f"model.layers.{i}.{p}.weight" for p in projs]
+            names = [naming.layer_weight(i, p) for p in projs]
             setattr(getattr(block, parent), attr, _projection(state, names, compute, int8_kernel))
-        p = f"model.layers.{i}."
+        p = naming.layer_prefix(i)
+        a = p + "self_attn."
         _set_param(block.attn_norm, state[p + "input_layernorm.weight"])
         if args.sandwich_norm:
             _set_param(block.post_attn_norm, state[p + "post_attention_layernorm.weight"])
@@ -240,8 +236,8 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
             _set_param(block.attn.q_norm, state[a + "q_norm.weight"])
             _set_param(block.attn.k_norm, state[a + "k_norm.weight"])
     _set_param(model.norm, state["model.norm.weight"])
-    emb, emb_scale = _get(state, "model.embed_tokens.weight")
-    head_name = "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
+    emb, emb_scale = _get(state, naming.EMBED)
+    head_name = naming.EMBED if args.tie_embeddings else naming.LM_HEAD
     head, head_scale = _get(state, head_name)
     if emb_scale is None:
         model.tok_embeddings.weight = nn.Parameter(emb.to(compute), requires_grad=False)

@@ -15,6 +15,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from . import naming
+
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) float -> (q int8 (out, in), scale fp32 (out,)), symmetric, per output row."""
@@ -34,8 +36,8 @@ def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from .gptq_format import dequantize_gptq_state
 
     state = dequantize_gptq_state(state)
-    return {k: (dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v.float())
-            for k, v in state.items() if not k.endswith("_scale")}
+    return {k: (dequantize(v, state[naming.scale_name(k)]) if naming.scale_name(k) in state else v.float())
+            for k, v in state.items() if not naming.is_scale(k)}
 
 
 def _cpu_has_vnni() -> bool:
