@@ -65,7 +65,8 @@ def _parse_bool(text: str) -> bool:
 def _make(name: str, args: str, cls: type[Step], fixed: dict) -> Step:
     kwargs = {}
     probe = cls(**fixed)
-    types = {f.name: type(getattr(probe, f.name)) for f in fields(probe)}
+    # a parameter the step's name already fixes (int8 -> kernel) is not settable
+    types = {f.name: type(getattr(probe, f.name)) for f in fields(probe) if f.name not in fixed}
     for item in _split_top(args):
         key, sep, value = item.partition("=")
         key = key.strip()

@@ -68,6 +68,11 @@ def test_recipe_parameters_are_parsed_and_checked():
         parse_recipe("prune(bogus=1)")
     with pytest.raises(RecipeError, match="not a valid int"):
         parse_recipe("svd(rank=four)")
+    # the name fixes these (int8 = weight-only kernel, bf16 = bfloat16): a clear refusal, not a TypeError
+    with pytest.raises(RecipeError, match="unknown parameter 'kernel'"):
+        parse_recipe("int8(kernel=dynamic)")
+    with pytest.raises(RecipeError, match="unknown parameter 'dtype'"):
+        parse_recipe("bf16(dtype=float16)")
 
 
 def test_select_weights_by_module_and_layer(llama_dir):
