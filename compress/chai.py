@@ -8,7 +8,7 @@ from k=1 to k=n_heads (Kneedle), optionally raised by `min_clusters` and `max_re
 fewest clusters whose inertia is at most that share of the one-cluster inertia). Each
 cluster's representative is the member closest to its centroid.
 
-At serving (server/engine/model.py `ChaiLayout`) only representatives compute attention
+At serving (engine/model.py `ChaiLayout`) only representatives compute attention
 scores; all heads of a cluster reuse them with their own value heads. The artifact keeps
 query rows only for representatives, and key rows (and key cache) only for the KV groups a
 representative reads. Grouped-query attention: query heads are clustered (SmolLM2-135M:
