@@ -17,6 +17,7 @@ WORKDIR /app
 RUN pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY engine ./engine
+COPY tasks ./tasks
 COPY server ./server
 COPY compress ./compress
 COPY memory_model ./memory_model

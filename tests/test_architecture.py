@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT = str(Path(sys.executable).parent / "lint-imports")
-PACKAGES = ("engine", "compress", "memory_model", "server", "clients", "tests")
+PACKAGES = ("engine", "tasks", "compress", "memory_model", "server", "clients", "tests")
 
 
 def _lint(cwd: Path, config: Path) -> subprocess.CompletedProcess:

@@ -53,6 +53,6 @@ def test_dockerfile_agrees_with_makefile_and_server_defaults():
 def test_every_package_is_copied_into_the_image():
     include = re.search(r"include = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
     packages = re.findall(r'"(\w+)\*"', include)
-    assert set(packages) == {"engine", "server", "compress", "memory_model", "clients"}
+    assert set(packages) == {"engine", "tasks", "server", "compress", "memory_model", "clients"}
     for pkg in packages:
         assert re.search(rf"^COPY {pkg} \./{pkg}$", DOCKERFILE, re.M), pkg

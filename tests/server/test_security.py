@@ -13,7 +13,7 @@ import torch
 from server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [p for pkg in ("engine", "server", "compress", "memory_model", "clients") for p in (ROOT / pkg).rglob("*.py")]
+SOURCES = [p for pkg in ("engine", "tasks", "server", "compress", "memory_model", "clients") for p in (ROOT / pkg).rglob("*.py")]
 
 
 def _calls(name: str):

@@ -1,0 +1,69 @@
+"""Chain-of-thought targets written from SVAMP's equations, in one short, consistent style:
+one line per operation, innermost first, then the answer line.
+
+    "( ( 76.0 - 25.0 ) * 3.0 )"  ->  "76 - 25 = 51.\\n51 * 3 = 153.\\nThe answer is 153."
+
+Each line is one "group" of Algorithm 1 (the hybrid loop cuts chain-of-thought at newlines).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+ANSWER_PREFIX = "The answer is"
+COT_INSTRUCTION = "Let's think step by step."
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|[-+*/()]")
+
+
+def fmt(x: float) -> str:
+    """A number as a person writes it: 51, 2.5, 0.33 (at most two decimals)."""
+    if abs(x - round(x)) < 1e-9:
+        return str(int(round(x)))
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def _parse(tokens: list[str], i: int, lines: list[str]) -> tuple[float, int]:
+    """Evaluate the expression at tokens[i:]; appends one line per operation (innermost first)."""
+    tok = tokens[i]
+    if tok != "(":
+        return float(tok), i + 1
+    left, i = _parse(tokens, i + 1, lines)
+    if tokens[i] == ")":  # a parenthesised single number
+        return left, i + 1
+    op = tokens[i]
+    right, i = _parse(tokens, i + 1, lines)
+    if tokens[i] != ")":
+        raise ValueError(f"expected ')' at token {i}")
+    value = _OPS[op](left, right)
+    lines.append(f"{fmt(left)} {op} {fmt(right)} = {fmt(value)}.")
+    return value, i + 1
+
+
+def equation_steps(equation: str) -> tuple[list[str], float]:
+    """(one line per operation, the value) of an SVAMP equation; ValueError if malformed."""
+    tokens = _TOKEN.findall(equation)
+    if "".join(tokens) != re.sub(r"\s+", "", equation):
+        raise ValueError(f"unexpected characters in equation {equation!r}")
+    lines: list[str] = []
+    try:
+        value, end = _parse(tokens, 0, lines)
+    except (IndexError, KeyError, ZeroDivisionError) as e:
+        raise ValueError(f"malformed equation {equation!r}") from e
+    if end != len(tokens):
+        raise ValueError(f"trailing tokens in equation {equation!r}")
+    return lines, value
+
+
+def cot_target(equation: str, answer: float) -> str:
+    """The chain-of-thought a model is taught to write for this problem."""
+    lines, value = equation_steps(equation)
+    if abs(value - answer) > 1e-6:
+        raise ValueError(f"equation {equation!r} gives {value}, not the answer {answer}")
+    return "\n".join(lines + [f"{ANSWER_PREFIX} {fmt(answer)}."])
+
+
+def cot_prompt(question: str) -> str:
+    """The user turn that asks for chain-of-thought (the hybrid loop's CoT stage writes the same)."""
+    return f"{question}\n{COT_INSTRUCTION}"
