@@ -13,6 +13,11 @@ the held-out evaluation text), with the base weights frozen:
 - merge=false keeps the adapter: stored as PEFT's adapter_model.safetensors next to the
   base weights (loadable by peft), and added by the engine at serving time.
 
+`data=svamp-train` fine-tunes on a task instead (compress/task_data.py): each SVAMP training
+problem's chain-of-thought, written from its equation, as the reply to the CoT prompt the
+server sends, with the loss on the reply only (the large model learns to reason in the
+style the hybrid loop cuts into groups). svamp-dev and GSM8K are refused: never trained on.
+
 The model is trained as a plain transformers model wrapped by peft (what a user of peft
 would do), then the adapters are read back into the recipe's state dict.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +40,7 @@ from .chai import hf_chai_model
 from .select import layer_set
 from .sensitivity import layer_sensitivity, select_layers
 from .step import RecipeError, Step
+from .task_data import TASKS, collate, task_examples
 from .wanda import pruned_mask
 
 TARGET_GROUPS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
@@ -84,6 +91,7 @@ class LoRAStep(Step):
     metric: str = "perturb"  # with a band: perturb, attention or clusters (compress/sensitivity.py)
     precision: str = "auto"  # "auto" (bf16 autocast where the CPU runs bf16 natively), "bf16" or "fp32"
     seed: int = 0
+    data: str = "calibration"  # or a task's training split (svamp-train): supervised CoT replies
     stats: dict = field(default_factory=dict, repr=False)
 
     name = "lora"
@@ -121,6 +129,8 @@ class LoRAStep(Step):
             raise RecipeError("lora: r, steps and batch must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise RecipeError("lora: precision must be auto, bf16 or fp32")
+        if self.data != "calibration" and self.data not in TASKS:
+            raise RecipeError(f"lora: data must be calibration or one of {', '.join(TASKS)}; got {self.data!r}")
         if not 0 <= self.kd <= 1 or not 0 <= self.dropout < 1:
             raise RecipeError("lora: kd must be in [0, 1] and dropout in [0, 1)")
         if any(naming.is_scale(k) or naming.is_gptq_weight(k) or naming.is_lowrank(k) or naming.is_adapter(k)
@@ -148,25 +158,28 @@ class LoRAStep(Step):
 
             teacher = AutoModelForCausalLM.from_pretrained(str(ctx["model_dir"]), dtype=torch.float32,
                                                             use_safetensors=True).eval()
-        seqs = training_windows(ctx, self.steps * self.batch, self.seq_len)
+        batches = self._batches(ctx)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         model.train()
         losses, t0 = [], time.perf_counter()
         for step in tqdm(range(self.steps), desc="lora", disable=not ctx.get("progress", True)):
-            x = torch.tensor([seqs[(step * self.batch + i) % len(seqs)] for i in range(self.batch)])
+            x, mask, labels = batches(step)
             for g in opt.param_groups:  # short warm-up, then cosine decay
                 warm = min(1.0, (step + 1) / max(1, self.steps // 10))
                 g["lr"] = self.lr * warm * 0.5 * (1 + math.cos(math.pi * step / self.steps))
             with autocast(torch.device("cpu"), self.precision):
-                logits = model(input_ids=x).logits[:, :-1].float()
+                logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(input_ids=x).logits[:, :-1].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+                        t_logits = teacher(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:].reshape(-1)
+            logits = logits.reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(logits, target, ignore_index=-100)
             if teacher is not None:
-                loss = (1 - self.kd) * loss + self.kd * _kd_loss(logits.reshape(-1, logits.shape[-1]),
-                                                                 t_logits.reshape(-1, t_logits.shape[-1]),
+                keep = target != -100  # distil where the loss is taken (the reply, for task data)
+                loss = (1 - self.kd) * loss + self.kd * _kd_loss(logits[keep],
+                                                                 t_logits.reshape(-1, t_logits.shape[-1])[keep],
                                                                  self.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -174,14 +187,40 @@ class LoRAStep(Step):
             opt.step()
             losses.append(loss.item())
         sensitivity = self.stats.get("sensitivity")
+        data_stats = {k: self.stats[k] for k in ("examples", "skipped", "epochs") if k in self.stats}
         state = self._collect(model, dict(state))
         k = max(1, len(losses) // 5)
         self.stats = {**self.stats, **({"sensitivity": sensitivity, "layers_trained": layers} if layers else {}),
+                      "data": self.data, **data_stats,
                       "loss_first": round(sum(losses[:k]) / k, 4),
                       "loss_last": round(sum(losses[-k:]) / k, 4), "seconds": round(time.perf_counter() - t0, 1),
-                      "tokens": self.steps * self.batch * self.seq_len,
+                      "tokens": self.steps * self.batch * self.seq_len if self.data == "calibration" else None,
                       "trainable_params": sum(p.numel() for p in params)}
         return state
+
+    def _batches(self, ctx) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """step -> (ids, attention mask, labels): calibration windows (loss everywhere), or a
+        task's supervised examples (loss on the replies), cycled in a seeded order."""
+        if self.data == "calibration":
+            seqs = training_windows(ctx, self.steps * self.batch, self.seq_len)
+
+            def window(step):
+                x = torch.tensor([seqs[(step * self.batch + i) % len(seqs)] for i in range(self.batch)])
+                return x, torch.ones_like(x), x
+            return window
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
+        examples, skipped = task_examples(tok, self.data)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.stats = {**self.stats, "examples": len(examples), "skipped": skipped,
+                      "epochs": round(self.steps * self.batch / len(examples), 2)}
+
+        def batch(step):
+            rows = [examples[order[(step * self.batch + i) % len(order)]] for i in range(self.batch)]
+            return collate(rows, pad)
+        return batch
 
     @torch.no_grad()
     def _collect(self, model, state: dict) -> dict:

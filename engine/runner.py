@@ -20,6 +20,35 @@ PLAIN_TEMPLATE = (
 PLAIN_STOPS = ["\nUser:"]  # the model would otherwise write the user's next turn
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[str]]:
+    """(prompt ids, implicit stop strings) of a chat turn, the assistant's turn opened:
+    the tokenizer's own chat template, else the plain transcript above."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template already writes BOS/special tokens where the model wants them.
+        return tokenizer(text, add_special_tokens=False)["input_ids"], []
+    text = tokenizer.apply_chat_template(messages, chat_template=PLAIN_TEMPLATE, add_generation_prompt=False,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=True)["input_ids"], list(PLAIN_STOPS)
+
+
+def encode_reply(tokenizer, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) for teaching a model to answer `messages` with `reply`: the
+    prompt exactly as `encode_chat` serves it, the reply ending the way the template ends an
+    assistant turn (e.g. `<|im_end|>`), so training and serving see the same format."""
+    prompt, _ = encode_chat(tokenizer, messages)
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}],
+                                             add_generation_prompt=False, tokenize=False)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if ids[:len(prompt)] == prompt and len(ids) > len(prompt):
+            return prompt, ids[len(prompt):]
+    # the plain transcript (or a template that re-renders the prompt differently): the reply, a
+    # newline (the transcript's turn end) and EOS
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return prompt, tokenizer(" " + reply + "\n", add_special_tokens=False)["input_ids"] + eos
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -36,13 +65,7 @@ class LoadedModel:
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[str]]:
         """(prompt ids, implicit stop strings) for a chat request."""
-        if self.has_chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # The template already writes BOS/special tokens where the model wants them.
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"], []
-        text = self.tokenizer.apply_chat_template(messages, chat_template=PLAIN_TEMPLATE,
-                                                  add_generation_prompt=False, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"], list(PLAIN_STOPS)
+        return encode_chat(self.tokenizer, messages)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):

@@ -1,0 +1,51 @@
+"""Task fine-tuning: `lora(data=svamp-train)` trains on SVAMP chain-of-thought replies in the
+served chat format, loss on the reply only; evaluation splits are refused."""
+
+import pytest
+
+from compress.recipes import RecipeError
+from compress.task_data import collate, task_examples
+from engine.runner import encode_chat, encode_reply
+from tests.helpers import build_artifact, make_tokenizer
+
+
+def test_reply_follows_the_served_prompt_and_ends_the_turn():
+    tok = make_tokenizer()
+    msgs = [{"role": "user", "content": "Sam has 3 apples. How many?"}]
+    prompt, reply = encode_reply(tok, msgs, "3 + 0 = 3.\nThe answer is 3.")
+    assert prompt == encode_chat(tok, msgs)[0]  # exactly what the server prefills
+    assert tok.decode(reply) == "3 + 0 = 3.\nThe answer is 3.<|im_end|>\n"  # CHATML closes the turn
+
+
+def test_plain_transcript_models_get_the_reply_and_eos():
+    tok = make_tokenizer(chat_template=None)
+    prompt, reply = encode_reply(tok, [{"role": "user", "content": "Hi"}], "Hello.")
+    assert tok.decode(prompt).endswith("Assistant:") and reply[-1] == tok.eos_token_id
+    assert tok.decode(reply[:-1]) == " Hello.\n"
+
+
+def test_svamp_examples_mask_the_prompt():
+    tok = make_tokenizer()
+    examples, skipped = task_examples(tok, "svamp-train")
+    assert len(examples) + skipped == 700 and skipped == 1  # one SVAMP row's equation contradicts its answer
+    ids, mask, labels = collate(examples[:3], pad_id=0)
+    for i, e in enumerate(examples[:3]):
+        assert (labels[i, :e.n_prompt] == -100).all() and (labels[i, e.n_prompt:len(e.ids)] == ids[i, e.n_prompt:len(e.ids)]).all()
+        assert mask[i].sum() == len(e.ids) and (labels[i, len(e.ids):] == -100).all()
+    assert "The answer is" in tok.decode(examples[0].ids[examples[0].n_prompt:])
+
+
+def test_task_tuning_lowers_the_reply_loss_and_records_the_data(llama_dir, tmp_path):
+    import json
+
+    art = build_artifact(llama_dir, tmp_path / "a",
+                         "lora(data=svamp-train,steps=20,batch=2,r=16,targets=all,lr=0.03,dropout=0)")
+    step = json.loads((art / "manifest.json").read_text())["steps"][0]["result"]
+    assert step["data"] == "svamp-train" and step["examples"] == 699 and step["skipped"] == 1
+    assert step["loss_last"] < 0.8 * step["loss_first"], step
+
+
+@pytest.mark.parametrize("data", ["svamp-dev", "gsm8k", "nonsense"])
+def test_evaluation_data_is_never_trained_on(llama_dir, tmp_path, data):
+    with pytest.raises(RecipeError, match="data must be calibration or one of svamp-train"):
+        build_artifact(llama_dir, tmp_path / "a", f"lora(data={data},steps=1)")
