@@ -46,6 +46,10 @@ class HybridParams:
     cot_temperature: float = 0.0  # chain-of-thought sampling (0 = greedy, what the memory model saw in training)
     return_reasoning: bool = True  # stream/return the CoT and condensed prompts as reasoning_content
     answer_prefix: str = ""  # opens the answer turn (e.g. "The answer is"); part of the returned content
+    # Controls for evaluating the loop (cot_groups=0 is the other: the memory model condenses
+    # the prompt with an empty chain-of-thought): "truncate" replaces the memory model by
+    # P' = the user's question + the last condense_tokens large-model tokens of the chain-of-thought.
+    condense_with: str = "memory_model"  # "memory_model" | "truncate"
 
 
 @dataclass
@@ -118,8 +122,11 @@ def _decode(kv: PrefixKV, ids: list[int], max_new: int, eos: set[int], pick: Cal
 def context_budget(n_prompt: int, hp: HybridParams, answer_tokens: int) -> int:
     """Large-model positions one hybrid request can need: the longest stage is either a CoT
     (prompt + template + chain-of-thought) or the answer; a condensed P is at most
-    ~2 large tokens per memory-model token."""
-    p = max(n_prompt, 2 * hp.condense_tokens + 64)
+    ~2 large tokens per memory-model token; a truncated one is the question + its tail."""
+    if hp.condense_with == "truncate":
+        p = n_prompt + hp.condense_tokens + 64
+    else:
+        p = max(n_prompt, 2 * hp.condense_tokens + 64)
     return p + max(hp.cot_groups * hp.cot_group_tokens, answer_tokens) + 32
 
 
@@ -138,6 +145,19 @@ class Condenser:
         self.stats.small.completion_tokens += len(out)
         self.stats.condensed_tokens += len(out)
         return self.mm.tok.decode(out).strip()
+
+
+class Truncator:
+    """The truncation control: no memory model; the next P is the user's question followed
+    by the chain-of-thought's last `max_tokens` tokens (the large model's tokenizer)."""
+
+    def __init__(self, lm: LoadedModel, question: str):
+        self.tok, self.question = lm.tokenizer, question
+
+    def __call__(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> str:
+        ids = self.tok(cot, add_special_tokens=False)["input_ids"]
+        tail = self.tok.decode(ids[-max_tokens:], skip_special_tokens=True).strip() if cot else ""
+        return f"{self.question}\n{tail}" if tail else ""
 
 
 @dataclass
@@ -165,6 +185,9 @@ def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | str]:
     """The large model's chain-of-thought about P, up to cot_groups lines; streams it as
     reasoning and yields the whole text (a str) last."""
     t0, hp = time.perf_counter(), r.hp
+    if hp.cot_groups == 0:  # the empty-CoT control: nothing to think, nothing to stream
+        yield ""
+        return
     ids, _ = r.lm.encode_chat(r.history + cot_messages(p))
     detok = IncrementalDetokenizer(r.lm.tokenizer, ids)
     cot_text, groups, in_group, n_cot = "", 0, 0, 0
@@ -235,8 +258,13 @@ def hybrid_work(lm: LoadedModel, mm: MemoryModel | None, messages: list[dict], h
         st = HybridStats()
         r = _Request(lm, hp, sp, messages[:-1], st, PrefixKV(lm.model, capacity, st.large),
                      make_generator(sp.seed), cancel, on_tokens)
-        condense = condenser(st) if condenser else Condenser(mm, st)
         p = messages[-1]["content"]
+        if condenser:
+            condense = condenser(st)
+        elif hp.condense_with == "truncate":
+            condense = Truncator(lm, p)
+        else:
+            condense = Condenser(mm, st)
         for loop in range(hp.loops):
             cot = ""
             for ev in _cot_stage(r, p, loop):  # 1. chain-of-thought from the large model

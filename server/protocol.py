@@ -141,12 +141,13 @@ class HybridOptions(BaseModel):
 
     enabled: bool = True
     loops: int | None = Field(default=None, ge=0, le=16)
-    cot_groups: int | None = Field(default=None, ge=1, le=16)
+    cot_groups: int | None = Field(default=None, ge=0, le=16)  # 0: empty chain-of-thought (a control)
     cot_group_tokens: int | None = Field(default=None, ge=1, le=512)
     condense_tokens: int | None = Field(default=None, ge=1, le=512)
     cot_temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     return_reasoning: bool | None = None
     answer_prefix: str | None = Field(default=None, max_length=200)
+    condense_with: Literal["memory_model", "truncate"] | None = None  # "truncate": the no-memory-model control
 
 
 # reasoning_effort -> hybrid loops (none/minimal: answer directly)

@@ -56,7 +56,8 @@ class ChatServing(OpenAIServing):
             on = c.hybrid_default
         if not on:
             return None
-        if self.ctx.memory is None:
+        needs_memory = h is None or h.condense_with != "truncate"
+        if self.ctx.memory is None and needs_memory:
             raise APIError(400, "the hybrid loop was requested but this server has no memory model "
                                 "(start it with --memory-model)", param="hybrid", code="hybrid_unavailable")
         if req.n != 1:
@@ -90,7 +91,8 @@ class ChatServing(OpenAIServing):
                                 f"chain-of-thought {hp.cot_groups * hp.cot_group_tokens}, answer {answer_tokens}) "
                                 f"but n_ctx={n_ctx}; lower max_tokens or hybrid.cot_groups",
                            param="max_tokens", code="context_length_exceeded")
-        kv_mb = (capacity * lm.model.kv_bytes_per_token() + mm.cfg.max_len * mm.model.kv_bytes_per_token()) / 2**20
+        mm_kv = mm.cfg.max_len * mm.model.kv_bytes_per_token() if mm is not None else 0
+        kv_mb = (capacity * lm.model.kv_bytes_per_token() + mm_kv) / 2**20
         if kv_mb > cfg.max_kv_cache_mb:
             raise APIError(400, f"the hybrid loop needs {kv_mb:.0f} MiB of KV cache, over this server's "
                                 f"{cfg.max_kv_cache_mb} MiB per-request limit", param="max_tokens",

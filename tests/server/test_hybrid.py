@@ -265,3 +265,30 @@ def test_disconnect_mid_loop_frees_the_worker(hybrid_srv):
     # the loop never reached its answer (no hybrid stats recorded) and the server serves again
     assert _metric(hybrid_srv, "hybrid_loop_requests_total") == done_before
     assert _chat(hybrid_srv, hybrid=SMALL, max_tokens=2).status_code == 200
+
+
+def test_empty_cot_control_condenses_the_prompt_alone(hybrid_srv):
+    r = _chat(hybrid_srv, hybrid={**SMALL, "loops": 1, "cot_groups": 0}, max_tokens=4, temperature=0)
+    assert r.status_code == 200, r.text
+    h = r.json()["usage"]["hybrid"]
+    assert h["raw_reasoning_tokens"] == 0 and h["loops"] == 1 and h["small"]["prompt_tokens"] > 0
+    assert "reasoning:" not in r.json()["choices"][0]["message"]["reasoning_content"]
+
+
+def test_truncate_control_keeps_the_question_and_the_cot_tail_without_a_memory_model(llama_artifact):
+    srv = LiveServer(ServerConfig(artifacts=[f"tiny-chat={llama_artifact}"], memory_model=None,
+                                  max_model_len=1024)).wait()
+    try:
+        hyb = {"loops": 1, "cot_groups": 2, "cot_group_tokens": 5, "condense_tokens": 3, "condense_with": "truncate"}
+        r = _chat(srv, hybrid=hyb, max_tokens=4, temperature=0)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        reasoning, h = body["choices"][0]["message"]["reasoning_content"], body["usage"]["hybrid"]
+        condensed = reasoning.split("condensed prompt:\n", 1)[1]
+        assert condensed.startswith(Q[0]["content"] + "\n")  # P' = the question + the CoT's tail
+        assert h["small"]["completion_tokens"] == 0 and h["raw_reasoning_tokens"] > 0
+        # the memory model is still required for the real loop
+        r = _chat(srv, hybrid={"loops": 1}, max_tokens=4)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "hybrid_unavailable"
+    finally:
+        srv.close()
