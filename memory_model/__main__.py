@@ -36,10 +36,13 @@ def _threads(n: int) -> None:
 def cmd_make_data(a) -> None:
     from engine.runner import load_model
 
-    from .cot import make_cot_data
+    from .cot import make_cot_data, make_task_cot_data
 
     _threads(a.threads)
-    stats = make_cot_data(load_model(a.large), Path(a.out), a.n_train, a.n_heldout, a.max_new)
+    if a.task:
+        stats = make_task_cot_data(load_model(a.large), Path(a.out), a.task, a.n_heldout, a.max_new)
+    else:
+        stats = make_cot_data(load_model(a.large), Path(a.out), a.n_train, a.n_heldout, a.max_new)
     print(json.dumps(stats, indent=2))
 
 
@@ -237,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="data/mm")
     d.add_argument("--n-train", type=int, default=768)
     d.add_argument("--n-heldout", type=int, default=128)
+    d.add_argument("--task", choices=["svamp-train"], help="a real task's training split instead of generated "
+                   "problems (--n-heldout of it are held out for diagnostics; --n-train is ignored)")
     d.add_argument("--max-new", type=int, default=128, help="chain-of-thought tokens per problem")
     d.add_argument("--threads", type=int, default=0)
     d.set_defaults(fn=cmd_make_data)

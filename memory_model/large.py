@@ -14,17 +14,15 @@ import torch
 
 from engine.generate import decode_one_token, prefill
 from engine.runner import LoadedModel
+from tasks.cot import ANSWER_PREFIX, cot_prompt  # one prompt format for task training, serving and evaluation
 
 from .model import right_pad
 from .problems import NUMBER_RE, is_correct
 
-COT_INSTRUCTION = "Let's think step by step."
-ANSWER_PREFIX = "The answer is"
-
 
 def cot_messages(context: str) -> list[dict]:
     """Ask for chain-of-thought about the current prompt."""
-    return [{"role": "user", "content": f"{context}\n{COT_INSTRUCTION}"}]
+    return [{"role": "user", "content": cot_prompt(context)}]
 
 
 def answer_messages(context: str) -> list[dict]:

@@ -24,36 +24,43 @@ def fmt(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
-def _parse(tokens: list[str], i: int, lines: list[str]) -> tuple[float, int]:
-    """Evaluate the expression at tokens[i:]; appends one line per operation (innermost first)."""
+def _parse(tokens: list[str], i: int, ops: list[tuple[str, str, str, str]]) -> tuple[float, int]:
+    """Evaluate the expression at tokens[i:]; appends (op, x, y, result) per operation, innermost first."""
     tok = tokens[i]
     if tok != "(":
         return float(tok), i + 1
-    left, i = _parse(tokens, i + 1, lines)
+    left, i = _parse(tokens, i + 1, ops)
     if tokens[i] == ")":  # a parenthesised single number
         return left, i + 1
     op = tokens[i]
-    right, i = _parse(tokens, i + 1, lines)
+    right, i = _parse(tokens, i + 1, ops)
     if tokens[i] != ")":
         raise ValueError(f"expected ')' at token {i}")
     value = _OPS[op](left, right)
-    lines.append(f"{fmt(left)} {op} {fmt(right)} = {fmt(value)}.")
+    ops.append((op, fmt(left), fmt(right), fmt(value)))
     return value, i + 1
 
 
-def equation_steps(equation: str) -> tuple[list[str], float]:
-    """(one line per operation, the value) of an SVAMP equation; ValueError if malformed."""
+def equation_ops(equation: str) -> tuple[list[tuple[str, str, str, str]], float]:
+    """((op, x, y, result) per operation in solving order, the value) of an SVAMP equation;
+    ValueError if malformed."""
     tokens = _TOKEN.findall(equation)
     if "".join(tokens) != re.sub(r"\s+", "", equation):
         raise ValueError(f"unexpected characters in equation {equation!r}")
-    lines: list[str] = []
+    ops: list[tuple[str, str, str, str]] = []
     try:
-        value, end = _parse(tokens, 0, lines)
+        value, end = _parse(tokens, 0, ops)
     except (IndexError, KeyError, ZeroDivisionError) as e:
         raise ValueError(f"malformed equation {equation!r}") from e
     if end != len(tokens):
         raise ValueError(f"trailing tokens in equation {equation!r}")
-    return lines, value
+    return ops, value
+
+
+def equation_steps(equation: str) -> tuple[list[str], float]:
+    """(one line per operation, the value) of an SVAMP equation."""
+    ops, value = equation_ops(equation)
+    return [f"{x} {op} {y} = {r}." for op, x, y, r in ops], value
 
 
 def cot_target(equation: str, answer: float) -> str:

@@ -272,3 +272,30 @@ def test_evaluate_reports_every_condition(mm_checkpoint, llama_artifact, tmp_pat
     for r in res.values():
         assert r["n"] == 3 and 0 <= r["accuracy"] <= 1 and r["answer_logp"] < 0 and r["seconds"] > 0
     assert res["full-cot"]["context_tokens"] > res["question"]["context_tokens"]
+
+
+def test_task_rows_carry_the_equation_steps_as_refined_targets():
+    from memory_model.cot import task_rows
+    from memory_model.data import refined_condensation
+
+    rows = task_rows("svamp-train")
+    assert len(rows) == 699 and all(isinstance(r["answer"], int) for r in rows)  # one contradictory row left out
+    two_step = next(r for r in rows if len(r["steps"]) == 2)
+    target = refined_condensation(two_step["question"], two_step["steps"])
+    assert target.startswith(two_step["question"] + " Known: ") and target.endswith(f"= {two_step['answer']}.")
+    assert not {r["id"] for r in rows} & {p.id for p in __import__("tasks.data").data.load("svamp-dev")}
+
+
+def test_make_task_data_holds_out_the_tail_and_writes_the_models_cot(llama_artifact, tmp_path, monkeypatch):
+    from engine.runner import load_model
+    from memory_model import cot, large
+    from memory_model.cot import make_task_cot_data, read_jsonl
+
+    original = cot.task_rows
+    monkeypatch.setattr(cot, "task_rows", lambda task: original(task)[:6])  # six problems keep it fast
+    lm = load_model(llama_artifact)
+    stats = make_task_cot_data(lm, tmp_path, "svamp-train", n_val=2, max_new=3)
+    train, held = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "heldout.jsonl")
+    assert (len(train), len(held)) == (4, 2) and stats["train"] == 4
+    assert [r["id"] for r in train + held] == [r["id"] for r in original("svamp-train")[:6]]
+    assert train[0]["cot"] == large.generate_cot(lm, [train[0]["question"]], 3)[0]
