@@ -7,6 +7,9 @@ with the serving prompt (`large.answer_prompt_ids`), greedy, one problem at a ti
     question        the question alone (no reasoning)
     full-cot        question + the full chain-of-thought
     <policy name>   the memory model's greedy condensation (one per --policy)
+    <policy>-empty-cot  the same memory model given the question and an EMPTY chain-of-thought:
+                    what it earns by itself (e.g. computing the answer alone), the control
+                    any credit to condensing must beat
     rule            the supervised warm-start target (question + last two equations)
     truncate-head   question + the first tokens of the chain-of-thought, and
     truncate-tail   question + its last tokens, both cut to the length of the first
@@ -46,6 +49,7 @@ def evaluate(lm: LoadedModel, rows: list[dict], policies: dict[str, MemoryModel]
     }
     for name, mm in policies.items():
         conditions[name] = (lambda m: lambda r: m.condense(r["question"], r["cot"], max_new=max_new).text)(mm)
+        conditions[f"{name}-empty-cot"] = (lambda m: lambda r: m.condense(r["question"], "", max_new=max_new).text)(mm)
     conditions["rule"] = lambda r: reference_condensation(r["question"], r["cot"])
     results: dict[str, dict] = {}
     first_policy = next(iter(policies), None)

@@ -268,10 +268,24 @@ def test_evaluate_reports_every_condition(mm_checkpoint, llama_artifact, tmp_pat
     assert main(["eval", "--large", str(llama_artifact), "--data", str(data), "--policy", f"rl={mm_checkpoint}",
                  "--max-new", "6", "--json", str(out), "--exclude-pretrain-draws", "0", "--quiet"]) == 0
     res = json.loads(out.read_text())["results"]
-    assert set(res) == {"question", "full-cot", "rl", "rule", "truncate-head", "truncate-tail"}
+    assert set(res) == {"question", "full-cot", "rl", "rl-empty-cot", "rule", "truncate-head", "truncate-tail"}
     for r in res.values():
         assert r["n"] == 3 and 0 <= r["accuracy"] <= 1 and r["answer_logp"] < 0 and r["seconds"] > 0
     assert res["full-cot"]["context_tokens"] > res["question"]["context_tokens"]
+
+
+def test_empty_cot_control_feeds_the_memory_model_no_reasoning(mm_checkpoint, llama_artifact, monkeypatch):
+    from engine.runner import load_model
+    from memory_model import evaluate as ev
+    from memory_model.condense import MemoryModel
+
+    seen = []
+    mm = MemoryModel(mm_checkpoint)
+    real = mm.condense
+    monkeypatch.setattr(mm, "condense", lambda q, cot, **kw: seen.append(cot) or real(q, cot, **kw))
+    rows = [{"question": "Sam has 3 apples. How many?", "cot": "3 + 0 = 3.", "answer": 3}]
+    res = ev.evaluate(load_model(llama_artifact), rows, {"mm": mm}, max_new=4)
+    assert "mm-empty-cot" in res and seen == ["3 + 0 = 3.", ""]
 
 
 def test_task_rows_carry_the_equation_steps_as_refined_targets():
