@@ -10,7 +10,9 @@ it away: direct answer; full chain-of-thought (CoT) at the hybrid's total reason
 Every condition is one chat request per problem to the same server (started here on
 loopback unless --url is given), greedy, streamed, one at a time. Per condition: accuracy
 with a 95% Wilson interval, median latency, median time to the first answer token, mean and
-max peak large-model context, mean large-model tokens generated.
+max peak large-model context, mean large-model tokens generated. "TTFT answer" is the time
+until "The answer is" appears in the streamed content (the hybrid loop streams it as it opens
+the answer turn; full CoT writes it after its reasoning); the end of the reply if never.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def ask(client: httpx.Client, model: str, question: str, extra: dict) -> dict:
             usage = chunk.get("usage") or usage
             for c in chunk.get("choices", []):
                 if c["delta"].get("content"):
-                    first = first or time.perf_counter()
                     text += c["delta"]["content"]
+                    if first is None and ANSWER_PREFIX.lower() in text.lower():
+                        first = time.perf_counter()  # the answer starts (full CoT: after its reasoning)
     end = time.perf_counter()
     h = (usage or {}).get("hybrid")
     peak = h["peak_context_tokens"] if h else usage["prompt_tokens"] + usage["completion_tokens"]
