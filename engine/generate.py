@@ -38,8 +38,9 @@ class StepOutput:
     tokens: list[int]
     active: list[bool]
     eos: list[bool]
-    # per row: (logprob of the chosen token, [(token, logprob)] top alternatives), when asked
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # per row: (logprob of the chosen token, [(token, logprob)] top alternatives), when asked;
+    # None for an inactive row
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 @torch.inference_mode()

@@ -1,9 +1,11 @@
-"""Explicit KV cache passed to `Transformer.forward`.
+"""Explicit KV caches passed to the model.
 
-Preallocated per layer as (B, n_kv_heads, max_len, head_dim) so decode never
-reallocates; `pos` is the number of positions already written. Sliding-window
-layers keep the full history and are masked instead: simpler, exact, and cheap
-at the context lengths this CPU server runs.
+`KVCache` (one sequence, or n rows in lockstep; `Transformer.forward`) is preallocated per
+layer as (B, n_kv_heads, max_len, head_dim) so decode never reallocates; `pos` is the number
+of positions already written. `SlotKVCache` (continuous batching; `Transformer.forward_rows`)
+holds independent rows, each with its own length. Sliding-window layers keep the full
+history and are masked instead: simpler, exact, and cheap at the context lengths this CPU
+server runs.
 """
 
 from __future__ import annotations
@@ -64,3 +66,99 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class SlotKVCache:
+    """KV cache for continuous batching: `slots` independent rows, each with its own length.
+
+    A row (slot) holds one sequence; `lens[s]` positions of it are valid. Positions past a
+    row's length hold stale values of earlier occupants: forwards mask them per row, and
+    they are zeros at first (never NaN, which a masked-out softmax weight of 0 would still
+    turn into NaN). Storage grows in length on demand (`reserve`), so an idle server does
+    not hold slots x max_len of memory.
+    """
+
+    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 k_heads: list[int] | None = None, initial_len: int = 256):
+        self.k_heads = k_heads or [n_kv_heads] * n_layers
+        self.n_kv, self.hd, self.dtype, self.device = n_kv_heads, head_dim, dtype, device
+        self.slots, self.max_len = slots, max_len
+        self.lens = [0] * slots
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.reserve(min(initial_len, max_len))
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions per row (at least doubling, so growth is rare)."""
+        if length > self.max_len:
+            raise ValueError(f"KV cache overflow: {length} > {self.max_len}")
+        if length <= self.capacity:
+            return
+        cap = min(self.max_len, max(length, 2 * self.capacity))
+        old_k, old_v, old = self.k, self.v, self.capacity
+
+        def grow(heads: int, prev: torch.Tensor | None) -> torch.Tensor:
+            t = torch.zeros((self.slots, heads, cap, self.hd), dtype=self.dtype, device=self.device)
+            if prev is not None:
+                t[:, :, :old] = prev
+            return t
+
+        self.k = [grow(h, old_k[i] if old_k else None) for i, h in enumerate(self.k_heads)]
+        self.v = [grow(self.n_kv, old_v[i] if old_v else None) for i in range(len(self.k_heads))]
+        self.capacity = cap
+
+    def view(self, rows: list[int]) -> "RowsView":
+        """The cache as one forward over `rows` sees it (each row at its own length)."""
+        return RowsView(self, rows)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src's valid prefix (n samples of one prompt)."""
+        n = self.lens[src]
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+        self.lens[dst] = n
+
+    def free(self, row: int) -> None:
+        self.lens[row] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class RowsView:
+    """`KVCache`'s update/advance interface over some rows of a `SlotKVCache`, each row
+    writing its T new positions at its own length: what `Transformer.forward_rows` takes."""
+
+    def __init__(self, cache: SlotKVCache, rows: list[int]):
+        self.cache, self.rows = cache, list(rows)
+        self.starts = [cache.lens[r] for r in self.rows]
+        lo = self.rows[0]
+        # Consecutive rows (the usual case: free slots are taken lowest first) are read as a
+        # view of the cache; any other set is gathered, a copy.
+        self._slice = slice(lo, lo + len(self.rows)) if self.rows == list(range(lo, lo + len(self.rows))) else None
+        self._index = torch.tensor(self.rows, device=cache.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, heads, T, hd), row b at [starts[b], starts[b] + T); return every
+        row's keys and values up to the longest row's end (B, heads, S, hd)."""
+        t = k.shape[2]
+        end = max(self.starts) + t
+        c = self.cache
+        if end > c.capacity:
+            raise ValueError(f"KV cache overflow: {end} > {c.capacity} reserved")
+        pos = torch.tensor(self.starts, device=c.device)[:, None] + torch.arange(t, device=c.device)  # (B, T)
+        # advanced indices around a slice put their dims first: the target is (B, T, heads, hd)
+        c.k[layer][self._index[:, None], :, pos] = k.transpose(1, 2)
+        c.v[layer][self._index[:, None], :, pos] = v.transpose(1, 2)
+        return self._read(c.k[layer], end), self._read(c.v[layer], end)
+
+    def _read(self, t: torch.Tensor, end: int) -> torch.Tensor:
+        if self._slice is not None:
+            return t[self._slice, :, :end]
+        return t[:, :, :end].index_select(0, self._index)
+
+    def advance(self, n: int) -> None:
+        for r in self.rows:
+            self.cache.lens[r] += n

@@ -3,7 +3,8 @@
 Written for decode speed on small CPUs: q/k/v and gate/up projections are fused
 into one matmul each (fewer kernel launches and Python calls per token), RoPE
 tables are precomputed, and prefill can skip the vocabulary projection for all
-but the last position (262k-wide for Gemma-3).
+but the last position (262k-wide for Gemma-3). `forward_rows` runs one step over several
+independent sequences at different positions (continuous batching, `engine.batching`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelArgs
-from .kv_cache import KVCache
+from .kv_cache import KVCache, RowsView, SlotKVCache
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +38,7 @@ def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, hd); cos/sin (T, hd)
+    # x (B, H, T, hd); cos/sin (T, hd), or (B, 1, T, hd) for rows at different positions
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -208,6 +209,14 @@ class Transformer(nn.Module):
         return KVCache(a.n_layers, batch, a.n_kv_heads, max_len, a.head_dim, self.attn_dtype, self.device,
                        k_heads=[blk.attn.k_heads for blk in self.layers])
 
+    def new_slot_cache(self, slots: int, max_len: int | None = None) -> SlotKVCache:
+        """Rows for continuous batching (`forward_rows`), each up to max_len positions."""
+        a, max_len = self.args, max_len or self.max_len
+        if max_len > self.max_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's max_len {self.max_len}")
+        return SlotKVCache(a.n_layers, slots, a.n_kv_heads, max_len, a.head_dim, self.attn_dtype, self.device,
+                           k_heads=[blk.attn.k_heads for blk in self.layers])
+
     def kv_bytes_per_token(self) -> int:
         a = self.args
         heads = sum(blk.attn.k_heads for blk in self.layers) + a.n_layers * a.n_kv_heads
@@ -255,6 +264,28 @@ class Transformer(nn.Module):
         return [(*tables[self.args.rope_theta[layer]], masks[self.args.sliding_window[layer]])
                 for layer in range(len(self.layers))]
 
+    def row_inputs(self, starts: list[int], t: int, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`layer_inputs` for a batch of rows at different positions: row b's tokens sit at
+        [starts[b], starts[b] + t). RoPE tables (B, 1, T, hd) follow each row's positions;
+        masks (B, 1, T, S), S = the longest row's end, hide every key a row's query may not
+        see: later positions, another row's longer history (stale cache), and keys outside
+        a sliding window."""
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)  # (B, T)
+        q_pos = pos[:, :, None]  # (B, T, 1)
+        k_pos = torch.arange(max(starts) + t, device=device)  # (S,)
+        masks = {}
+        for w in set(self.args.sliding_window):
+            m = k_pos <= q_pos
+            if w is not None:
+                m = m & (q_pos - k_pos < w)
+            masks[w] = m[:, None]
+        adt = self.attn_dtype
+        tables = {theta: (getattr(self, f"rope_cos_{i}")[pos][:, None].to(adt),
+                          getattr(self, f"rope_sin_{i}")[pos][:, None].to(adt))
+                  for theta, i in self._rope.items()}
+        return [(*tables[self.args.rope_theta[layer]], masks[self.args.sliding_window[layer]])
+                for layer in range(len(self.layers))]
+
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
@@ -265,11 +296,23 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + t > self.max_len:
             raise ValueError(f"sequence length {start + t} exceeds max_len {self.max_len}")
+        return self._run(ids, self.layer_inputs(start, t, ids.device), cache, last_only)
+
+    def forward_rows(self, ids: torch.Tensor, rows: RowsView, last_only: bool = False) -> torch.Tensor:
+        """Continuous batching: ids (B, T) are the next T tokens of B independent sequences,
+        each in its own cache row at its own length (`SlotKVCache.view`); every row advances by
+        T. -> logits (B, T, V), or (B, 1, V) with last_only."""
+        t = ids.shape[1]
+        if max(rows.starts) + t > self.max_len:
+            raise ValueError(f"sequence length {max(rows.starts) + t} exceeds max_len {self.max_len}")
+        return self._run(ids, self.row_inputs(rows.starts, t, ids.device), rows, last_only)
+
+    def _run(self, ids, inputs, cache, last_only: bool) -> torch.Tensor:
         x = self.embed(ids).to(self.compute_dtype)
-        for block, (cos, sin, mask) in zip(self.layers, self.layer_inputs(start, t, ids.device)):
+        for block, (cos, sin, mask) in zip(self.layers, inputs):
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.advance(t)
+            cache.advance(ids.shape[1])
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

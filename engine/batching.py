@@ -1,0 +1,200 @@
+"""Continuous batching: many sequences decoded together, joining and leaving at step boundaries.
+
+    engine = BatchEngine(model, BatchConfig(max_num_seqs=8, prefill_chunk=256))
+    engine.add(Sequence(prompt_ids, params, eos_ids))
+    while engine.has_work:
+        for seq, out in engine.step().items(): ...  # a StepOutput for each sequence that sampled
+
+One `step()`:
+  1. retire rows that finished (EOS or max_tokens here, a stop string in the text layer, which
+     marks `seq.finished`) and sequences that were cancelled, freeing their cache rows (slots);
+  2. admit waiting sequences, first come first served, into free slots (n rows for n samples);
+  3. one batched decode forward for every running row, each at its own position
+     (`Transformer.forward_rows` over a `SlotKVCache`);
+  4. prefill admitted prompts, at most `prefill_chunk` prompt tokens per step in all, so the
+     running streams keep emitting while a long prompt is read; a prompt whose last chunk ran
+     samples its first token (its n rows then copy the prefilled row).
+Sampling is per sequence, with its own SamplingParams and seeded torch.Generator, so a seeded
+request samples the same tokens alone or in a batch. The per-sequence `StepOutput` is exactly
+what `generate` yields for one request, so the text layer (`engine.textgen`) serves both.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .generate import SamplingParams, StepOutput, make_generator, token_logprobs
+from .kv_cache import SlotKVCache
+from .sampling import sample
+
+
+@dataclass
+class BatchConfig:
+    max_num_seqs: int = 8  # cache rows (slots) decoded together; a request with n samples takes n
+    prefill_chunk: int = 256  # prompt tokens prefilled per step, over all admitted prompts
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.prefill_chunk < 1:
+            raise ValueError("max_num_seqs and prefill_chunk must be at least 1")
+
+
+@dataclass(eq=False)  # identity: a Sequence is a dict key in step()'s result
+class Sequence:
+    """One request in the batch: n rows (samples) of one prompt."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: set[int]
+    # per row; the engine sets a row on EOS, the text layer when a stop string matched
+    finished: list[bool] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # the engine's bookkeeping
+    slots: list[int | None] = field(default_factory=list)  # cache row of each sample; None once it is free
+    prefilled: int = 0  # prompt tokens in the cache
+    steps: int = 0  # tokens sampled per row so far
+    done: bool = False  # nothing more will come: finished, out of tokens, or cancelled
+
+    def __post_init__(self):
+        n = self.params.n
+        self.finished = self.finished if self.finished is not None else [False] * n
+        self.last = [0] * n  # per row: the sampled token not yet fed to the model
+        self.gen = make_generator(self.params.seed)
+
+    @property
+    def admitted(self) -> bool:
+        return bool(self.slots)
+
+    @property
+    def decoding(self) -> bool:
+        return self.admitted and self.prefilled == len(self.prompt_ids)
+
+    def live(self) -> list[int]:
+        """Rows still generating."""
+        return [i for i, f in enumerate(self.finished) if not f]
+
+
+class BatchEngine:
+    def __init__(self, model, cfg: BatchConfig | None = None):
+        self.model, self.cfg = model, cfg or BatchConfig()
+        self.cache: SlotKVCache | None = None  # made on first admission, dropped when idle
+        self.free = list(range(self.cfg.max_num_seqs))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admitted (prefilling or decoding), in admission order
+
+    def add(self, seq: Sequence) -> None:
+        p = seq.params
+        if p.n > self.cfg.max_num_seqs:
+            raise ValueError(f"n={p.n} samples need more rows than max_num_seqs={self.cfg.max_num_seqs}")
+        if len(seq.prompt_ids) + p.max_tokens > self.model.max_len:
+            raise ValueError(f"{len(seq.prompt_ids)} prompt + {p.max_tokens} new tokens exceed max_len "
+                             f"{self.model.max_len}")
+        if not seq.prompt_ids or p.max_tokens < 1:
+            raise ValueError("a sequence needs a prompt and at least one token to generate")
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.cfg.max_num_seqs - len(self.free)
+
+    @torch.inference_mode()
+    def step(self) -> dict[Sequence, StepOutput]:
+        self._retire()
+        self._admit()
+        decoding = [s for s in self.running if s.decoding]  # before prefill: a prompt finishing now samples there
+        out = self._decode(decoding) if decoding else {}
+        out.update(self._prefill())
+        for seq in out:
+            if seq.steps >= seq.params.max_tokens:
+                seq.finished[:] = [True] * len(seq.finished)  # the token budget ends every row
+        self._retire()
+        return out
+
+    # ---- slots ------------------------------------------------------------------------
+
+    def _retire(self) -> None:
+        for seq in self.running:
+            if seq.cancel.is_set():
+                seq.finished[:] = [True] * len(seq.finished)
+            for i, f in enumerate(seq.finished):
+                if f and seq.slots[i] is not None:
+                    self.free.append(seq.slots[i])
+                    seq.slots[i] = None
+            seq.done = all(seq.finished)
+        self.running = [s for s in self.running if not s.done]
+        for seq in [s for s in self.waiting if s.cancel.is_set()]:
+            self.waiting.remove(seq)
+            seq.done = True
+        if not self.has_work:
+            self.cache = None  # an idle engine holds no KV memory
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.free) >= self.waiting[0].params.n:
+            seq = self.waiting.popleft()
+            self.free.sort()  # lowest slots first: running rows stay contiguous, read as a view
+            seq.slots, self.free = self.free[:seq.params.n], self.free[seq.params.n:]
+            if self.cache is None:
+                self.cache = self.model.new_slot_cache(self.cfg.max_num_seqs)
+            for s in seq.slots:
+                self.cache.free(s)
+            self.running.append(seq)
+
+    # ---- forwards ---------------------------------------------------------------------
+
+    def _decode(self, seqs: list[Sequence]) -> dict[Sequence, StepOutput]:
+        """One forward for every live row of `seqs`, then each sequence samples its rows."""
+        rows = sorted((seq.slots[i], seq, i) for seq in seqs for i in seq.live())  # by slot: a view when contiguous
+        slots = [r[0] for r in rows]
+        self.cache.reserve(max(self.cache.lens[s] for s in slots) + 1)
+        ids = torch.tensor([[seq.last[i]] for _, seq, i in rows], device=self.model.device)
+        logits = self.model.forward_rows(ids, self.cache.view(slots), last_only=True)[:, -1]  # (B, V)
+        out = {}
+        for seq in seqs:
+            at = [j for j, (_, s, _) in enumerate(rows) if s is seq]
+            out[seq] = self._sample(seq, logits[at], [rows[j][2] for j in at])
+        return out
+
+    def _prefill(self) -> dict[Sequence, StepOutput]:
+        budget, out = self.cfg.prefill_chunk, {}
+        for seq in self.running:
+            left = len(seq.prompt_ids) - seq.prefilled
+            if left == 0:
+                continue
+            if budget == 0:
+                break
+            t, row = min(left, budget), seq.slots[0]
+            self.cache.reserve(seq.prefilled + t)
+            ids = torch.tensor([seq.prompt_ids[seq.prefilled:seq.prefilled + t]], device=self.model.device)
+            logits = self.model.forward_rows(ids, self.cache.view([row]), last_only=True)[:, -1]  # (1, V)
+            seq.prefilled += t
+            budget -= t
+            if seq.prefilled == len(seq.prompt_ids):
+                for other in seq.slots[1:]:
+                    self.cache.copy_row(row, other)
+                n = seq.params.n
+                out[seq] = self._sample(seq, logits.expand(n, -1), list(range(n)))
+        return out
+
+    @staticmethod
+    def _sample(seq: Sequence, logits: torch.Tensor, rows: list[int]) -> StepOutput:
+        """Sample `rows` of `seq` (logits (len(rows), V)) with its own parameters and generator;
+        a StepOutput over all n rows as `generate` yields it (other rows inactive)."""
+        p, n = seq.params, seq.params.n
+        tok = sample(logits, p.temperature, p.top_k, p.top_p, seq.gen)
+        lps = token_logprobs(logits, tok, p.logprobs)
+        out = StepOutput([0] * n, [False] * n, [False] * n, [None] * n if lps is not None else None)
+        for j, (i, t) in enumerate(zip(rows, tok.tolist())):
+            out.tokens[i], out.active[i] = t, True
+            out.eos[i] = not p.ignore_eos and t in seq.eos_ids
+            seq.finished[i] = seq.finished[i] or out.eos[i]
+            seq.last[i] = t
+            if lps is not None:
+                out.logprobs[i] = lps[j]
+        seq.steps += 1
+        return out
