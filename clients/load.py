@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=4, help="with --spawn: the server's queue limit")
+    p.add_argument("--max-num-seqs", type=int, help="with --spawn: the server's batch rows (default: its own)")
     p.add_argument("--threads", type=int, help="with --spawn: the server's torch threads")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     srv = None
     try:
         if a.spawn:
-            extra = ["--max-queue", str(a.max_queue)] + (["--threads", str(a.threads)] if a.threads else [])
+            extra = ["--max-queue", str(a.max_queue)] + (["--threads", str(a.threads)] if a.threads else []) \
+                + (["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs else [])
             srv = ServerProcess(["--artifact", a.spawn, "--memory-model", "none", *extra], timeout=180)
         url = srv.url if srv else a.url
         res = asyncio.run(run_load(url, a.model, a.clients, a.seconds, a.max_tokens,

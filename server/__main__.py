@@ -61,7 +61,12 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); "
                    "also read from HYBRID_API_KEYS (comma-separated)")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window n_ctx")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="requests waiting for a free row before 429")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="sequences decoded together (continuous batching); a request with n samples takes n")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help="prompt tokens prefilled per batch step, so running streams keep emitting")
     p.add_argument("--max-tokens-default", type=int, default=None, help="max_tokens when a request sets none")
     p.add_argument("--max-kv-cache-mb", type=int, default=d.max_kv_cache_mb,
                    help="per-request KV cache limit: n x (prompt + max_tokens) must fit")
@@ -99,6 +104,7 @@ def parse_args(argv: list[str] | None = None):
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
     return a, ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
+                           max_num_seqs=a.max_num_seqs, prefill_chunk=a.prefill_chunk,
                            max_tokens_default=a.max_tokens_default, threads=a.threads,
                            max_kv_cache_mb=a.max_kv_cache_mb,
                            verify_checksums=not a.no_verify, max_body_mb=a.max_body_mb,

@@ -13,7 +13,9 @@ class ServerConfig:
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)  # Bearer keys accepted on /v1/*; empty = no auth
     max_model_len: int = 4096  # context window (n_ctx), capped by the model's own limit
-    max_queue: int = 16  # waiting requests beyond the running one; more get 429
+    max_queue: int = 16  # requests waiting for a free row; more get 429
+    max_num_seqs: int = 8  # rows (sequences) decoded together in one batch; a request with n samples takes n
+    prefill_chunk: int = 256  # prompt tokens prefilled per batch step, so running streams keep emitting
     max_tokens_default: int | None = None  # when a request sets no max_tokens; None = rest of the window
     max_kv_cache_mb: int = 2048  # per request: n x (prompt + max_tokens) x KV bytes/token must fit
     threads: int | None = None  # torch intra-op threads; None = torch default

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.batching import BatchConfig
 from engine.runner import LoadedModel
 
 from . import protocol as P
@@ -41,7 +42,8 @@ class ServingContext:
     def create(cls, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics, memory=None,
                profiles: ProfileManager | None = None) -> ServingContext:
         return cls(models, cfg, metrics, profiles or default_profiles(cfg, metrics),
-                   Scheduler(cfg.max_queue, metrics.set_queue_state), memory)
+                   Scheduler(cfg.max_queue, metrics.set_queue_state, BatchConfig(cfg.max_num_seqs, cfg.prefill_chunk)),
+                   memory)
 
     @property
     def default_model(self) -> str:

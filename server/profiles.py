@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -88,16 +88,15 @@ class ProfileManager:
                 "profiles": {k: v.to_dict() for k, v in self.profiles.items()}}
 
 
-def with_threads(work: Callable[[threading.Event], Iterator], profile: Profile,
-                 report: Callable[[int], None] = lambda n: None) -> Callable[[threading.Event], Iterator]:
-    """Run `work` with the profile's torch thread count, set on the worker thread itself (the
-    OpenMP thread count is per calling thread) at the start of each job, so a profile switch
-    applies from the next request on. `report` is told the count in effect."""
+def thread_setter(profile: Profile, report: Callable[[int], None] = lambda n: None) -> Callable[[], None]:
+    """What the worker runs as a job starts: the profile's torch thread count, set on the
+    worker thread itself (the OpenMP thread count is per calling thread), so a profile switch
+    applies from the next request on (in a batch, from the next request that joins it).
+    `report` is told the count in effect."""
 
-    def run(cancel: threading.Event):
+    def start() -> None:
         if profile.threads and torch.get_num_threads() != profile.threads:
             torch.set_num_threads(profile.threads)
         report(torch.get_num_threads())
-        yield from work(cancel)
 
-    return run
+    return start

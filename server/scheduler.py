@@ -1,22 +1,33 @@
-"""One worker thread running jobs in FIFO order, off the event loop.
+"""The generation worker: one thread, off the event loop, that runs plain generation requests
+together in a continuous batch (one `engine.batching.BatchEngine` per model) and other jobs
+alone.
 
-A job is a generator of typed events (`engine.events`, built by the serving layer); the
-worker iterates it and hands each event to the job's asyncio queue, adding `Failed` if the
-job raised and `Done` after every job. Cancellation (client gone) is a
-threading.Event the job's generator checks every token. The queue is bounded: a full
-queue is refused at submit time so the route can answer 429 with Retry-After.
+Jobs start first come, first served:
+- a plain generation (`engine.textgen.TextRequest`) joins its model's batch as soon as
+  `max_num_seqs` rows have room for its n samples; every batch step hands each running request
+  its own TokenStep (text, finish reasons, logprobs), and Usage at its end;
+- an exclusive job runs to completion alone, between two batch steps, while the batch waits:
+  the hybrid loop (for now: its stages are plain decodes of two models that could join batches
+  later), a model without a batched forward (ONNX Runtime), or n above max_num_seqs.
+Every job's events go to its own asyncio queue; the worker adds `Failed` if the job raised and
+`Done` after every job. Cancellation (client gone) is a threading.Event: a batched request
+leaves the batch at the next step, freeing its rows; an exclusive job checks it every token.
+A request is refused at submit time (the route answers 429 with Retry-After) only when every
+row is taken and `max_queue` requests already wait.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from engine.batching import BatchConfig, BatchEngine
 from engine.events import Done, Event, Failed
+from engine.textgen import TextRequest
 
 
 class QueueFull(Exception):
@@ -25,63 +36,167 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    work: Callable[[threading.Event], Iterator[Event]]  # yields events; gets the cancel flag
     loop: asyncio.AbstractEventLoop
+    work: Callable[[threading.Event], Iterator[Event]] | None = None  # an exclusive job; gets the cancel flag
+    request: TextRequest | None = None  # a plain generation: batched when its model allows
+    start: Callable[[], None] = lambda: None  # on the worker thread as the job starts (the profile's threads)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
+
+    def __post_init__(self):
+        if (self.work is None) == (self.request is None):
+            raise ValueError("a job is either exclusive work or a generation request")
+        if self.request is not None:
+            self.cancel = self.request.seq.cancel  # the batch engine watches the same flag
+            self.work = self.request.work  # what it runs when it cannot join a batch
 
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Scheduler:
-    def __init__(self, max_queue: int, on_state: Callable[[int, int], None] | None = None):
+    def __init__(self, max_queue: int, on_state: Callable[[int, int], None] | None = None,
+                 batch: BatchConfig | None = None):
         self.max_queue = max_queue
-        self._q: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self.running = 0
+        self.batch = batch or BatchConfig()
         self._on_state = on_state or (lambda waiting, running: None)
+        self._cv = threading.Condition()  # guards the fields below; wakes an idle worker
+        self._pending: deque[Job] = deque()  # submitted, not started
+        self.running = 0  # started jobs, batched or exclusive
+        self._rows = 0  # rows held by batched requests (all models: max_num_seqs bounds the work per step)
+        self._stopping = False
+        # the worker's own state
+        self._engines: dict[int, BatchEngine] = {}  # by id() of the model
+        self._batched: list[Job] = []
         self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            if self.waiting >= self.max_queue:
-                raise QueueFull(f"{self.waiting} requests are already waiting (limit {self.max_queue})")
-            self.waiting += 1
-            self._publish()
-        self._q.put(job)
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
 
-    def _publish(self) -> None:
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            free = max(0, self.batch.max_num_seqs - self._rows)
+            if self.waiting >= self.max_queue + free:
+                raise QueueFull(f"all {self.batch.max_num_seqs} rows are generating and {self.waiting} requests "
+                                f"are already waiting (limit {self.max_queue})")
+            self._pending.append(job)
+            self._publish()
+            self._cv.notify()
+
+    def batchable(self, job: Job) -> bool:
+        r = job.request
+        return r is not None and hasattr(r.lm.model, "forward_rows") and r.params.n <= self.batch.max_num_seqs
+
+    def _publish(self) -> None:  # under the lock
         self._on_state(self.waiting, self.running)
 
     def _loop(self) -> None:
         while True:
-            job = self._q.get()
-            if job is None:
-                return
-            with self._lock:
-                self.waiting -= 1
+            with self._cv:
+                while not (self._stopping or self._pending or self._batched):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self._start_jobs()
+            self._step()
+
+    # ---- starting jobs ------------------------------------------------------------------
+
+    def _start_jobs(self) -> None:
+        """Start waiting jobs in arrival order while the next one fits: batched requests join
+        their batch, an exclusive job runs now, alone."""
+        while True:
+            with self._cv:
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                batched = self.batchable(job) and not job.cancel.is_set()
+                rows = job.request.params.n if batched else 0
+                if self._rows + rows > self.batch.max_num_seqs:
+                    return  # it waits for rows, and everyone behind it too
+                self._pending.popleft()
+                self._rows += rows
                 self.running += 1
                 self._publish()
             job.started_at = time.perf_counter()
+            if job.cancel.is_set():  # the client left while it waited
+                self._finish(job, rows)
+            elif batched:
+                self._join_batch(job)
+            else:
+                self._run_alone(job)
+
+    def _join_batch(self, job: Job) -> None:
+        try:
+            job.start()
+            model = job.request.lm.model
+            engine = self._engines.setdefault(id(model), BatchEngine(model, self.batch))
+            engine.add(job.request.seq)
+            self._batched.append(job)
+        except Exception as e:
+            job.emit(Failed(e))
+            self._finish(job, job.request.params.n)
+
+    def _run_alone(self, job: Job) -> None:
+        try:
+            job.start()
+            for event in job.work(job.cancel):
+                job.emit(event)
+                if job.cancel.is_set():
+                    break
+        except Exception as e:  # reported to the client; the worker keeps serving
+            job.emit(Failed(e))
+        finally:
+            self._finish(job, 0)
+
+    def _finish(self, job: Job, rows: int) -> None:
+        with self._cv:
+            self._rows -= rows
+            self.running -= 1
+            self._publish()
+        job.emit(Done())  # after the gauges: a client that sees Done sees them settled
+
+    # ---- batch steps ----------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One step of every model's batch; each request gets its TokenStep, finished ones their end."""
+        for key, engine in list(self._engines.items()):
+            jobs = [j for j in self._batched if id(j.request.lm.model) == key]
+            if not jobs:
+                continue
             try:
-                if not job.cancel.is_set():
-                    for event in job.work(job.cancel):
-                        job.emit(event)
-                        if job.cancel.is_set():
-                            break
-            except Exception as e:  # reported to the client; the worker keeps serving
-                job.emit(Failed(e))
-            finally:
-                job.emit(Done())
-                with self._lock:
-                    self.running -= 1
-                    self._publish()
+                outs = engine.step()
+            except Exception as e:  # every request of this batch fails; a fresh engine serves the next
+                self._engines[key] = BatchEngine(engine.model, self.batch)
+                for job in jobs:
+                    self._leave_batch(job, failed=e)
+                continue
+            for job in jobs:
+                req = job.request
+                try:
+                    if req.seq in outs:
+                        job.emit(req.step(outs[req.seq]))
+                    if req.seq.done:
+                        self._leave_batch(job)
+                except Exception as e:  # this request's text failed: it alone leaves
+                    req.seq.cancel.set()  # the engine frees its rows at the next step
+                    self._leave_batch(job, failed=e)
+
+    def _leave_batch(self, job: Job, failed: Exception | None = None) -> None:
+        self._batched.remove(job)
+        if failed is not None:
+            job.emit(Failed(failed))
+        elif not job.cancel.is_set():
+            for event in job.request.close():
+                job.emit(event)
+        self._finish(job, job.request.params.n)
 
     def shutdown(self) -> None:
-        self._q.put(None)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
         self._thread.join(timeout=5)

@@ -15,13 +15,13 @@ from fastapi.responses import StreamingResponse
 from engine.events import Delta, Done, Event, Failed, Reasoning, Stats, TokenLogprob, TokenStep, Usage
 from engine.generate import SamplingParams
 from engine.runner import LoadedModel
-from engine.textgen import text_generation
+from engine.textgen import TextRequest
 
 from . import protocol as P
 from . import wire
 from .context import ServingContext
 from .errors import APIError
-from .profiles import with_threads
+from .profiles import thread_setter
 from .scheduler import Job, QueueFull
 
 
@@ -113,10 +113,13 @@ class OpenAIServing:
         return Reply(lm, n_prompt, n, P.new_id(self.id_prefix), f"hybrid-llm-{self.ctx.profiles.active.name}",
                      include_usage)
 
-    def submit(self, lm: LoadedModel, work: Callable[..., Iterator[Event]]) -> Job:
-        """Queue a job on the worker (429 with Retry-After when the queue is full)."""
-        job = Job(work=with_threads(work, self.ctx.profiles.active, self.ctx.metrics.threads.set),
-                  loop=asyncio.get_running_loop())
+    def submit(self, lm: LoadedModel, work: TextRequest | Callable[..., Iterator[Event]]) -> Job:
+        """Queue a plain generation (it joins the batch) or other work (it runs alone) on the
+        worker; 429 with Retry-After when every row is busy and the queue is full."""
+        start = thread_setter(self.ctx.profiles.active, self.ctx.metrics.threads.set)
+        loop = asyncio.get_running_loop()
+        job = Job(loop, request=work, start=start) if isinstance(work, TextRequest) else \
+            Job(loop, work=work, start=start)
         try:
             self.ctx.scheduler.submit(job)
         except QueueFull as e:
@@ -124,8 +127,8 @@ class OpenAIServing:
                            code="queue_full", headers={"Retry-After": str(self.ctx.cfg.retry_after_s)}) from e
         return job
 
-    def generation(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams):
-        return text_generation(lm, prompt_ids, params, self.ctx.metrics.generation_tokens.labels(lm.name).inc)
+    def generation(self, lm: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> TextRequest:
+        return TextRequest(lm, prompt_ids, params, self.ctx.metrics.generation_tokens.labels(lm.name).inc)
 
     # ---- consuming a job ----------------------------------------------------------------
 

@@ -204,7 +204,9 @@ def test_tampered_artifact_is_refused_at_load(llama_dir, tmp_path):
 
 
 def test_full_queue_answers_429_with_retry_after(llama_artifact):
-    srv = LiveServer(ServerConfig(artifacts=[str(llama_artifact)], max_model_len=2048, max_queue=1)).wait()
+    # one row (no batching) and one queue place; test_batching.py has the same with two rows
+    srv = LiveServer(ServerConfig(artifacts=[str(llama_artifact)], max_model_len=2048, max_queue=1,
+                                  max_num_seqs=1)).wait()
     body = {"model": llama_artifact.name, "messages": CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
     try:
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as running:
@@ -273,3 +275,15 @@ def test_completion_logprobs_legacy_format(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+def test_sse_event_stays_one_line_whatever_the_model_writes():
+    # U+0085/U+2028/U+2029 are raw in JSON but line breaks to httpx's iter_lines (str.splitlines)
+    from server import protocol as P
+    from server.wire import sse
+
+    text = "a\x85b\u2028c\u2029d é"
+    chunk = P.CompletionResponse(id="x", created=0, model="m", choices=[P.CompletionChoice(index=0, text=text)])
+    event = sse(chunk, include_usage=False)
+    line = event.removesuffix("\n\n")
+    assert line.splitlines() == [line] and json.loads(line[6:])["choices"][0]["text"] == text
