@@ -34,7 +34,18 @@ def sse(obj, include_usage: bool) -> str:
     for c in d["choices"]:
         if "delta" in c:
             c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
-    return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+    return f"data: {_one_line(json.dumps(d, ensure_ascii=False))}\n\n"
+
+
+# Characters JSON leaves raw that Python's str.splitlines() (httpx's `iter_lines`) breaks
+# lines at: a model that writes one would split its SSE event in two for such clients.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def _one_line(text: str) -> str:
+    for ch, esc in _LINE_BREAKS.items():
+        text = text.replace(ch, esc)
+    return text
 
 
 def sse_error(body: dict) -> str:
