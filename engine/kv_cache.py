@@ -129,7 +129,8 @@ class SlotKVCache:
 
 class RowsView:
     """`KVCache`'s update/advance interface over some rows of a `SlotKVCache`, each row
-    writing its T new positions at its own length: what `Transformer.forward_rows` takes."""
+    writing its T new positions at its own length: what `Transformer.forward_rows` takes, for
+    one forward."""
 
     def __init__(self, cache: SlotKVCache, rows: list[int]):
         self.cache, self.rows = cache, list(rows)
@@ -139,19 +140,20 @@ class RowsView:
         # view of the cache; any other set is gathered, a copy.
         self._slice = slice(lo, lo + len(self.rows)) if self.rows == list(range(lo, lo + len(self.rows))) else None
         self._index = torch.tensor(self.rows, device=cache.device)
+        self._pos: torch.Tensor | None = None  # (B, T) write positions, made by the first layer
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, heads, T, hd), row b at [starts[b], starts[b] + T); return every
         row's keys and values up to the longest row's end (B, heads, S, hd)."""
-        t = k.shape[2]
+        t, c = k.shape[2], self.cache
         end = max(self.starts) + t
-        c = self.cache
         if end > c.capacity:
             raise ValueError(f"KV cache overflow: {end} > {c.capacity} reserved")
-        pos = torch.tensor(self.starts, device=c.device)[:, None] + torch.arange(t, device=c.device)  # (B, T)
+        if self._pos is None:
+            self._pos = torch.tensor(self.starts, device=c.device)[:, None] + torch.arange(t, device=c.device)
         # advanced indices around a slice put their dims first: the target is (B, T, heads, hd)
-        c.k[layer][self._index[:, None], :, pos] = k.transpose(1, 2)
-        c.v[layer][self._index[:, None], :, pos] = v.transpose(1, 2)
+        c.k[layer][self._index[:, None], :, self._pos] = k.transpose(1, 2)
+        c.v[layer][self._index[:, None], :, self._pos] = v.transpose(1, 2)
         return self._read(c.k[layer], end), self._read(c.v[layer], end)
 
     def _read(self, t: torch.Tensor, end: int) -> torch.Tensor:
