@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None):
     w.add_argument("--power-poll", type=float, default=d.power_poll_s, help="auto: seconds between power checks")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
+    if a.max_num_seqs < 1 or a.prefill_chunk < 1:
+        p.error("--max-num-seqs and --prefill-chunk must be at least 1")
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
     return a, ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
                            max_model_len=a.max_model_len, max_queue=a.max_queue,

@@ -103,5 +103,10 @@ def test_429_only_when_every_row_and_the_queue_are_full(llama_artifact):
             lines = w.iter_lines()
             assert any('"content"' in line and '"content":""' not in line.replace(" ", "") for line in lines)
         streams[1].close()
+        # more samples than rows: the request runs alone, between batch steps
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4, "n": 3,
+                                                               "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and len({c["message"]["content"] for c in r.json()["choices"]}) == 1
+        assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 3
     finally:
         srv.close()
