@@ -8,12 +8,16 @@
 One `step()`:
   1. retire rows that finished (EOS or max_tokens here, a stop string in the text layer, which
      marks `seq.finished`) and sequences that were cancelled, freeing their cache rows (slots);
+     with a `PrefixCache`, a sequence's first row leaves its prompt + generated KV there;
   2. admit waiting sequences, first come first served, into free slots (n rows for n samples);
+     with a `PrefixCache`, the KV of the prompt's longest cached prefix is copied into the
+     first row, and prefill continues after it (`seq.cached_tokens`);
   3. one batched decode forward for every running row, each at its own position
      (`Transformer.forward_rows` over a `SlotKVCache`);
   4. prefill admitted prompts, at most `prefill_chunk` prompt tokens per step in all, so the
      running streams keep emitting while a long prompt is read; a prompt whose last chunk ran
-     samples its first token (its n rows then copy the prefilled row).
+     samples its first token (its n rows then copy the prefilled row, and the prefix cache
+     gets the prompt at once, for concurrent requests that share it).
 Sampling is per sequence, with its own SamplingParams and seeded torch.Generator, so a seeded
 request samples the same tokens alone or in a batch. The per-sequence `StepOutput` is exactly
 what `generate` yields for one request, so the text layer (`engine.textgen`) serves both.
@@ -29,6 +33,7 @@ import torch
 
 from .generate import SamplingParams, StepOutput, make_generator, token_logprobs
 from .kv_cache import SlotKVCache
+from .prefix_cache import PrefixCache
 from .sampling import sample
 
 
@@ -54,6 +59,7 @@ class Sequence:
     # the engine's bookkeeping
     slots: list[int | None] = field(default_factory=list)  # cache row of each sample; None once it is free
     prefilled: int = 0  # prompt tokens in the cache
+    cached_tokens: int = 0  # of those, copied from the prefix cache instead of prefilled
     steps: int = 0  # tokens sampled per row so far
     done: bool = False  # nothing more will come: finished, out of tokens, or cancelled
 
@@ -61,6 +67,7 @@ class Sequence:
         n = self.params.n
         self.finished = self.finished if self.finished is not None else [False] * n
         self.last = [0] * n  # per row: the sampled token not yet fed to the model
+        self.out: list[list[int]] = [[] for _ in range(n)]  # per row: every sampled token
         self.gen = make_generator(self.params.seed)
 
     @property
@@ -75,10 +82,16 @@ class Sequence:
         """Rows still generating."""
         return [i for i, f in enumerate(self.finished) if not f]
 
+    def fed(self, row: int, length: int) -> list[int]:
+        """The token ids behind the first `length` cache positions of a row: the prompt, then
+        the row's samples (all but the last, which is sampled and not yet fed)."""
+        return (self.prompt_ids + self.out[row])[:length]
+
 
 class BatchEngine:
-    def __init__(self, model, cfg: BatchConfig | None = None):
+    def __init__(self, model, cfg: BatchConfig | None = None, prefix_cache: PrefixCache | None = None):
         self.model, self.cfg = model, cfg or BatchConfig()
+        self.prefix = prefix_cache  # may be shared by several engines (models): entries know their model
         self.cache: SlotKVCache | None = None  # made on first admission, dropped when idle
         self.free = list(range(self.cfg.max_num_seqs))
         self.waiting: deque[Sequence] = deque()
@@ -124,6 +137,8 @@ class BatchEngine:
                 seq.finished[:] = [True] * len(seq.finished)
             for i, f in enumerate(seq.finished):
                 if f and seq.slots[i] is not None:
+                    if i == 0:  # n samples of a prompt keep one entry: choice 0 is what a chat continues
+                        self._keep(seq, 0)
                     self.free.append(seq.slots[i])
                     seq.slots[i] = None
             seq.done = all(seq.finished)
@@ -143,7 +158,18 @@ class BatchEngine:
                 self.cache = self.model.new_slot_cache(self.cfg.max_num_seqs)
             for s in seq.slots:
                 self.cache.free(s)
+            if self.prefix is not None and (hit := self.prefix.match(self.model, seq.prompt_ids)):
+                (k, v), m = hit
+                self.cache.write_row(seq.slots[0], k, v, m)
+                seq.prefilled = seq.cached_tokens = m
             self.running.append(seq)
+
+    def _keep(self, seq: Sequence, i: int) -> None:
+        """Store the KV row i of seq holds in the prefix cache (before the slot is freed)."""
+        n = self.cache.lens[seq.slots[i]] if self.cache is not None else 0
+        if self.prefix is not None and n > 0:
+            self.prefix.store(self.model, seq.fed(i, n), lambda m: self.cache.read_row(seq.slots[i], m),
+                              self.cache.token_bytes())
 
     # ---- forwards ---------------------------------------------------------------------
 
@@ -177,6 +203,7 @@ class BatchEngine:
             if seq.prefilled == len(seq.prompt_ids):
                 for other in seq.slots[1:]:
                     self.cache.copy_row(row, other)
+                self._keep(seq, 0)
                 n = seq.params.n
                 out[seq] = self._sample(seq, logits.expand(n, -1), list(range(n)))
         return out
@@ -194,6 +221,7 @@ class BatchEngine:
             out.eos[i] = not p.ignore_eos and t in seq.eos_ids
             seq.finished[i] = seq.finished[i] or out.eos[i]
             seq.last[i] = t
+            seq.out[i].append(t)
             if lps is not None:
                 out.logprobs[i] = lps[j]
         seq.steps += 1

@@ -60,6 +60,7 @@ class Stats(Event):
 class Usage(Event):
     """Generated tokens of the answer (all rows); the job's last event."""
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not a prefill
 
 
 @dataclass(frozen=True)

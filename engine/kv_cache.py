@@ -123,6 +123,24 @@ class SlotKVCache:
     def free(self, row: int) -> None:
         self.lens[row] = 0
 
+    def read_row(self, row: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of row's first n positions, per layer k (k_heads, n, hd) and v (n_kv, n, hd):
+        what `PrefixCache` keeps once the row is freed."""
+        if n > self.lens[row]:
+            raise ValueError(f"row {row} holds {self.lens[row]} positions, not {n}")
+        return [t[row, :, :n].clone() for t in self.k], [t[row, :, :n].clone() for t in self.v]
+
+    def write_row(self, row: int, k: list[torch.Tensor], v: list[torch.Tensor], n: int) -> None:
+        """Row becomes the first n positions of per-layer k, v (a `PrefixCache` hit)."""
+        self.reserve(n)
+        for dst, src in zip(self.k + self.v, k + v):
+            dst[row, :, :n] = src[:, :n]
+        self.lens[row] = n
+
+    def token_bytes(self) -> int:
+        """Bytes one position takes in one row, over every layer's keys and values."""
+        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in self.k + self.v)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 

@@ -97,7 +97,8 @@ class TextRequest:
     def close(self) -> list[Event]:
         """After the last step: the open rows' held-back text and finish reasons, then Usage."""
         final = _final_deltas(self.rows)
-        return ([TokenStep(final, time.perf_counter())] if final else []) + [Usage(sum(r.tokens for r in self.rows))]
+        usage = Usage(sum(r.tokens for r in self.rows), self.seq.cached_tokens)  # 0 when run alone (`work`)
+        return ([TokenStep(final, time.perf_counter())] if final else []) + [usage]
 
     def work(self, cancel: threading.Event) -> Iterator[Event]:
         """The request alone on the worker: `generate` (prefill once, n rows in lockstep)."""
