@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None):
                    help="sequences decoded together (continuous batching); a request with n samples takes n")
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
                    help="prompt tokens prefilled per batch step, so running streams keep emitting")
+    p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
+                   help="memory for KV of recent prompts + answers, reused by later prompts sharing a prefix "
+                        "(the next chat turn, a common system prompt); least recently used evicted; 0 disables")
     p.add_argument("--max-tokens-default", type=int, default=None, help="max_tokens when a request sets none")
     p.add_argument("--max-kv-cache-mb", type=int, default=d.max_kv_cache_mb,
                    help="per-request KV cache limit: n x (prompt + max_tokens) must fit")
@@ -103,10 +106,13 @@ def parse_args(argv: list[str] | None = None):
     a = p.parse_args(argv)
     if a.max_num_seqs < 1 or a.prefill_chunk < 1:
         p.error("--max-num-seqs and --prefill-chunk must be at least 1")
+    if a.prefix_cache_mb < 0:
+        p.error("--prefix-cache-mb must be 0 (off) or more")
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
     return a, ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
                            max_num_seqs=a.max_num_seqs, prefill_chunk=a.prefill_chunk,
+                           prefix_cache_mb=a.prefix_cache_mb,
                            max_tokens_default=a.max_tokens_default, threads=a.threads,
                            max_kv_cache_mb=a.max_kv_cache_mb,
                            verify_checksums=not a.no_verify, max_body_mb=a.max_body_mb,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.batching import BatchConfig
+from engine.prefix_cache import PrefixCache
 from engine.runner import LoadedModel
 
 from . import protocol as P
@@ -41,9 +42,11 @@ class ServingContext:
     @classmethod
     def create(cls, models: dict[str, LoadedModel], cfg: ServerConfig, metrics: Metrics, memory=None,
                profiles: ProfileManager | None = None) -> ServingContext:
+        prefix = PrefixCache(cfg.prefix_cache_mb * 2**20) if cfg.prefix_cache_mb > 0 else None
+        metrics.watch_prefix_cache(prefix)
+        batch = BatchConfig(cfg.max_num_seqs, cfg.prefill_chunk)
         return cls(models, cfg, metrics, profiles or default_profiles(cfg, metrics),
-                   Scheduler(cfg.max_queue, metrics.set_queue_state, BatchConfig(cfg.max_num_seqs, cfg.prefill_chunk)),
-                   memory)
+                   Scheduler(cfg.max_queue, metrics.set_queue_state, batch, prefix), memory)
 
     @property
     def default_model(self) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.prefix_cache import PrefixCache, PrefixCacheStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -41,6 +44,12 @@ class Metrics:
         self.threads = Gauge("hybrid_torch_threads", "torch threads of the generation worker (last job)",
                              registry=r)
         self.power_source = Gauge("hybrid_power_source", "1 for the detected power source", ["source"], registry=r)
+        self._prefix = _PrefixCacheCollector()
+        r.register(self._prefix)
+
+    def watch_prefix_cache(self, cache: PrefixCache | None) -> None:
+        """Report this prefix cache's counters (None: the cache is off, all zeros)."""
+        self._prefix.cache = cache
 
     def set_profile(self, active: str, power) -> None:
         for name in ("plugged", "battery"):
@@ -62,3 +71,26 @@ class Metrics:
     def set_queue_state(self, waiting: int, running: int) -> None:
         self.waiting.set(waiting)
         self.running.set(running)
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's own counts, read at scrape time: the worker thread counts every
+    lookup as it happens (cancelled requests included) and nothing is copied twice."""
+
+    def __init__(self):
+        self.cache: PrefixCache | None = None
+
+    def collect(self):
+        c = self.cache
+        s = c.stats if c is not None else PrefixCacheStats()
+        for name, doc, value in (
+                ("queries", "Prompts looked up in the prefix cache (misses = queries - hits)", s.queries),
+                ("hits", "Prompts that reused cached KV for a prefix", s.hits),
+                ("query_tokens", "Prompt tokens looked up in the prefix cache", s.query_tokens),
+                ("hit_tokens", "Prompt tokens served from the prefix cache instead of prefilled", s.hit_tokens),
+                ("evictions", "Prefix-cache entries evicted to stay under the budget", s.evictions)):
+            yield CounterMetricFamily(f"hybrid_prefix_cache_{name}", doc, value=value)
+        yield GaugeMetricFamily("hybrid_prefix_cache_bytes", "KV bytes the prefix cache holds",
+                                value=c.nbytes if c is not None else 0)
+        yield GaugeMetricFamily("hybrid_prefix_cache_budget_bytes", "The prefix cache's byte budget (0 = off)",
+                                value=c.budget if c is not None else 0)

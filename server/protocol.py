@@ -227,6 +227,10 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (KV of an earlier request)
+
+
 class StageSeconds(BaseModel):
     cot: float
     condense: float
@@ -256,6 +260,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     completion_tokens_details: CompletionTokensDetails | None = None
+    prompt_tokens_details: PromptTokensDetails | None = None
     hybrid: HybridUsage | None = None
 
 

@@ -5,7 +5,8 @@ alone.
 Jobs start first come, first served:
 - a plain generation (`engine.textgen.TextRequest`) joins its model's batch as soon as
   `max_num_seqs` rows have room for its n samples; every batch step hands each running request
-  its own TokenStep (text, finish reasons, logprobs), and Usage at its end;
+  its own TokenStep (text, finish reasons, logprobs), and Usage at its end; the batches share
+  one prefix cache (`engine.prefix_cache`), whose entries each belong to one model;
 - an exclusive job runs to completion alone, between two batch steps, while the batch waits:
   the hybrid loop (for now: its stages are plain decodes of two models that could join batches
   later), a model without a batched forward (ONNX Runtime), or n above max_num_seqs.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 from engine.batching import BatchConfig, BatchEngine
 from engine.events import Done, Event, Failed
+from engine.prefix_cache import PrefixCache
 from engine.textgen import TextRequest
 
 
@@ -58,9 +60,10 @@ class Job:
 
 class Scheduler:
     def __init__(self, max_queue: int, on_state: Callable[[int, int], None] | None = None,
-                 batch: BatchConfig | None = None):
+                 batch: BatchConfig | None = None, prefix_cache: PrefixCache | None = None):
         self.max_queue = max_queue
         self.batch = batch or BatchConfig()
+        self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self._on_state = on_state or (lambda waiting, running: None)
         self._cv = threading.Condition()  # guards the fields below; wakes an idle worker
         self._pending: deque[Job] = deque()  # submitted, not started
@@ -134,7 +137,8 @@ class Scheduler:
         try:
             job.start()
             model = job.request.lm.model
-            engine = self._engines.setdefault(id(model), BatchEngine(model, self.batch))
+            engine = self._engines.get(id(model)) or BatchEngine(model, self.batch, self.prefix_cache)
+            self._engines[id(model)] = engine
             engine.add(job.request.seq)
             self._batched.append(job)
         except Exception as e:
@@ -171,7 +175,8 @@ class Scheduler:
             try:
                 outs = engine.step()
             except Exception as e:  # every request of this batch fails; a fresh engine serves the next
-                self._engines[key] = BatchEngine(engine.model, self.batch)
+                # the prefix cache holds copies, valid whatever the failed step left in the rows
+                self._engines[key] = BatchEngine(engine.model, self.batch, self.prefix_cache)
                 for job in jobs:
                     self._leave_batch(job, failed=e)
                 continue

@@ -48,6 +48,7 @@ class Collected:
     reasoning: str = ""
     stats: object = None  # the hybrid loop's HybridStats
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
 
     @classmethod
     def empty(cls, n: int) -> Collected:
@@ -65,7 +66,7 @@ class Collected:
         elif isinstance(ev, Stats):
             self.stats = ev.stats
         elif isinstance(ev, Usage):
-            self.completion_tokens = ev.completion_tokens
+            self.completion_tokens, self.cached_tokens = ev.completion_tokens, ev.cached_tokens
 
 
 class OpenAIServing:

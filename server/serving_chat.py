@@ -118,14 +118,14 @@ class ChatServing(OpenAIServing):
                 for d in visible(ev.deltas)]
             return [self._chunk(r, choices)] if choices else []
         if isinstance(ev, Usage) and r.include_usage:
-            return [self._chunk(r, [], wire.usage(r.n_prompt, ev.completion_tokens, r.stats))]
+            return [self._chunk(r, [], wire.usage(r.n_prompt, ev.completion_tokens, r.stats, ev.cached_tokens))]
         return []
 
     def _body(self, c: Collected, r: Reply, want_lp: bool) -> P.ChatCompletionResponse:
         reasoning = c.reasoning or None
         return P.ChatCompletionResponse(
             id=r.id, created=r.created, model=r.lm.name, system_fingerprint=r.fingerprint,
-            usage=wire.usage(r.n_prompt, c.completion_tokens, c.stats),
+            usage=wire.usage(r.n_prompt, c.completion_tokens, c.stats, c.cached_tokens),
             choices=[P.ChatChoice(index=i, finish_reason=f or "length",
                                   message=P.ResponseMessage(content=t, reasoning_content=reasoning, reasoning=reasoning),
                                   logprobs=P.ChoiceLogprobs(content=[wire.logprob_entry(e) for e in c.logprobs[i]])

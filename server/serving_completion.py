@@ -45,13 +45,13 @@ class CompletionServing(OpenAIServing):
                 if d.logprob is not None else None) for d in visible(ev.deltas)]
             return [self._chunk(r, choices)] if choices else []
         if isinstance(ev, Usage) and r.include_usage:
-            return [self._chunk(r, [], wire.usage(r.n_prompt, ev.completion_tokens))]
+            return [self._chunk(r, [], wire.usage(r.n_prompt, ev.completion_tokens, cached=ev.cached_tokens))]
         return []
 
     def _body(self, c: Collected, r: Reply, want_lp: bool, with_top: bool) -> P.CompletionResponse:
         return P.CompletionResponse(
             id=r.id, created=r.created, model=r.lm.name, system_fingerprint=r.fingerprint,
-            usage=wire.usage(r.n_prompt, c.completion_tokens, c.stats),
+            usage=wire.usage(r.n_prompt, c.completion_tokens, c.stats, c.cached_tokens),
             choices=[P.CompletionChoice(index=i, text=t, finish_reason=f or "length",
                                         logprobs=P.CompletionLogprobs.from_entries(
                                             [wire.logprob_entry(e) for e in c.logprobs[i]], with_top)

@@ -14,16 +14,20 @@ def logprob_entry(lp: TokenLogprob) -> P.TokenLogprob:
     return P.TokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()), top_logprobs=tops)
 
 
-def usage(n_prompt: int, n_answer: int, stats=None) -> P.Usage:
-    """OpenAI usage (plain when stats is None); with hybrid stats, reasoning tokens (chain-of-thought + condensed
-    prompts) count as completion tokens, as OpenAI counts a reasoning model's."""
+def usage(n_prompt: int, n_answer: int, stats=None, cached: int = 0) -> P.Usage:
+    """OpenAI usage (plain when stats is None), with the prompt tokens the prefix cache served
+    as `prompt_tokens_details.cached_tokens`; with hybrid stats, reasoning tokens
+    (chain-of-thought + condensed prompts) count as completion tokens, as OpenAI counts a
+    reasoning model's."""
+    details = P.PromptTokensDetails(cached_tokens=cached)
     if stats is None:
-        return P.Usage(prompt_tokens=n_prompt, completion_tokens=n_answer, total_tokens=n_prompt + n_answer)
+        return P.Usage(prompt_tokens=n_prompt, completion_tokens=n_answer, total_tokens=n_prompt + n_answer,
+                       prompt_tokens_details=details)
     reasoning = stats.raw_reasoning_tokens + stats.condensed_tokens
     completion = n_answer + reasoning
     return P.Usage(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion,
                    completion_tokens_details=P.CompletionTokensDetails(reasoning_tokens=reasoning),
-                   hybrid=P.HybridUsage(**stats.to_dict()))
+                   prompt_tokens_details=details, hybrid=P.HybridUsage(**stats.to_dict()))
 
 
 def sse(obj, include_usage: bool) -> str:
