@@ -12,9 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelArgs
 from .kv_cache import KVCache, RowsView, SlotKVCache
+
+# On CUDA, cuDNN's SDPA backend builds a new graph for every new key length, i.e. at every
+# decode step: measured 1.5 ms of CPU per attention call on an H200 (GPU time 6 us). The
+# other backends have no per-shape setup.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -129,9 +135,15 @@ class Attention(nn.Module):
             if self.n_kv != self.n_heads and self.repeat_kv:  # exporters lack SDPA's enable_gqa
                 k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.n_kv != self.n_heads and not self.repeat_kv)
+            y = self._sdpa(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.hd).to(x.dtype))
+
+    def _sdpa(self, q, k, v, mask):
+        gqa = self.n_kv != self.n_heads and not self.repeat_kv
+        if not q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        with sdpa_kernel(_CUDA_SDPA):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
 
     def _clustered(self, q, k, v, mask):
         """CHAI: scores for the representatives only, each against its own key group (a view,

