@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean memory-model
+.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-eval serve-reasoning
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,3 +58,26 @@ memory-model: setup
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
+
+# The reasoning setup measured in README "Reasoning on real problems" (about 50 minutes on 2 CPU
+# cores): SmolLM2 task-tuned on SVAMP-train chain-of-thought, int8; the large model's own CoT on
+# SVAMP-train; the shipped memory model warm-started on it; then the evaluation over HTTP.
+REASON ?= artifacts/smollm2-135m-svamp-int8
+reasoning-model: setup
+	test -f artifacts/smollm2-135m-svamp-f32/manifest.json || $(BIN)/python -m compress build --source smollm2-135m-instruct \
+		--recipe "lora(data=svamp-train,steps=262,batch=8,r=16,alpha=32,targets=all,lr=1e-3,dropout=0.05)" \
+		--out artifacts/smollm2-135m-svamp-f32
+	test -f $(REASON)/manifest.json || $(BIN)/python -m compress build --model-dir artifacts/smollm2-135m-svamp-f32 \
+		--recipe int8 --out $(REASON)
+	$(BIN)/python -m memory_model make-data --task svamp-train --large $(REASON) --out data/mm-svamp --n-heldout 100 --max-new 96
+	$(BIN)/python -m memory_model sft --init memory_model/checkpoints/default --data data/mm-svamp/train.jsonl \
+		--synthetic 0 --target refined --out $(MM)/mm-8m-svamp-sft --steps 300 --batch-size 16 --lr 3e-4 --warmup 20 \
+		--eval-every 100 --force
+
+reasoning-eval: reasoning-model
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft \
+		--data svamp-dev --data gsm8k:100 --loops 3 --groups 1 --group-tokens 24 --condense-tokens 64 \
+		--answer-tokens 12 --json results/reasoning_eval_svamp_int8.json
+
+serve-reasoning: reasoning-model
+	$(BIN)/python -m server --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft --port $(PORT)
