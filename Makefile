@@ -71,7 +71,7 @@ reasoning-model: setup
 		--recipe int8 --out $(REASON)
 	$(BIN)/python -m memory_model make-data --task svamp-train --large $(REASON) --out data/mm-svamp --n-heldout 100 --max-new 96
 	$(BIN)/python -m memory_model sft --init memory_model/checkpoints/default --data data/mm-svamp/train.jsonl \
-		--synthetic 0 --target refined --out $(MM)/mm-8m-svamp-sft --steps 300 --batch-size 16 --lr 3e-4 --warmup 20 \
+		--synthetic 0 --target extractive --out $(MM)/mm-8m-svamp-sft --steps 300 --batch-size 16 --lr 3e-4 --warmup 20 \
 		--eval-every 100 --force
 
 reasoning-eval: reasoning-model
