@@ -89,3 +89,31 @@ def test_shipped_memory_model_condenses_in_the_hybrid_loop(real_server):
     condensed = reasoning.split("condensed prompt:")[1]
     assert f"= {prob.answer}" in condensed, reasoning
     assert r["usage"]["hybrid"]["loops"] == 1 and r["usage"]["hybrid"]["condensed_tokens"] > 0
+
+
+def test_a_real_svamp_dev_problem_goes_through_the_hybrid_loop_condensed(real_server):
+    """One fixed held-out SVAMP problem (the first of svamp-dev) through the served hybrid loop
+    with the shipped memory model: the answer stage reads a condensed P shorter than the
+    question plus the chain-of-thought it condensed."""
+    import httpx
+
+    from tasks.data import load
+
+    prob = load("svamp-dev")[0]
+    r = httpx.post(real_server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "smollm2", "temperature": 0, "max_tokens": 16,
+        "hybrid": {"loops": 1, "cot_groups": 3, "answer_prefix": "The answer is"},
+        "messages": [{"role": "user", "content": prob.question}]}).json()
+    h = r["usage"]["hybrid"]
+    question_tokens = len(_smollm2_tokenizer()(prob.question, add_special_tokens=False)["input_ids"])
+    assert h["loops"] == 1 and h["raw_reasoning_tokens"] > 0 and h["condensed_tokens"] > 0, h
+    assert h["final_prompt_tokens"] < question_tokens + h["raw_reasoning_tokens"], h
+    assert r["choices"][0]["message"]["content"].startswith("The answer is")
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from compress.sources import ensure_hf_dir
+
+    return AutoTokenizer.from_pretrained(str(ensure_hf_dir("smollm2-135m-instruct")))
