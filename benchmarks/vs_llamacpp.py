@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.bench import corpus_words, write_json  # noqa: E402
-from clients.launch import ServerProcess, free_port  # noqa: E402
+from clients.launch import ServerProcess  # noqa: E402
 from compress.sources import cache_dir, ensure_hf_dir  # noqa: E402
 
 
@@ -93,35 +93,15 @@ def convert_gguf(src: Path | None, hf_dir: Path, out: Path, outtype: str) -> Pat
     return out
 
 
-class LlamaServer:
-    """llama-server on a free loopback port, same threads/context/slots as ours."""
+class LlamaServer(ServerProcess):
+    """llama-server on a free loopback port (args after the binary: threads, context, slots)."""
 
-    def __init__(self, exe: str, gguf: Path, threads: int, ctx_per_slot: int, slots: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([exe, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
-                                      "-t", str(threads), "-tb", str(threads), "-c", str(ctx_per_slot * slots),
-                                      "-np", str(slots), "--no-webui"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise RuntimeError("llama-server did not become healthy")
+    def __init__(self, exe: str, args: list[str]):
+        self.exe = exe
+        super().__init__(args, quiet=True)
 
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    def command(self, args: list[str], log_level: str) -> list[str]:
+        return [self.exe, "--host", "127.0.0.1", "--port", str(self.port), *args]
 
 
 # ---- measurements --------------------------------------------------------------------------
@@ -219,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         turns["ours"] = multi_turn(ours.url)
     finally:
         ours.close()
-    peer = LlamaServer(server_exe, gguf, a.threads, a.ctx, a.slots)
+    peer = LlamaServer(server_exe, ["-m", str(gguf), "-t", str(a.threads), "-tb", str(a.threads),
+                                    "-c", str(a.ctx * a.slots), "-np", str(a.slots), "--no-webui"])
     try:
         results["llama.cpp"] = run_bench(peer.url, "llama.cpp", conc, a, work / "peer.json")
         turns["llama.cpp"] = multi_turn(peer.url)

@@ -24,12 +24,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], timeout: float = 300.0, log_level: str = "warning"):
+    """`python -m server ARGS` (subclasses start another server with `command`)."""
+
+    def __init__(self, args: list[str], timeout: float = 300.0, log_level: str = "warning", quiet: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--log-level", log_level, *args])
+        out = subprocess.DEVNULL if quiet else None
+        self.proc = subprocess.Popen(self.command(args, log_level), stdout=out, stderr=out)
         self._wait(timeout)
+
+    def command(self, args: list[str], log_level: str) -> list[str]:
+        return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", log_level, *args]
 
     @property
     def pid(self) -> int:
