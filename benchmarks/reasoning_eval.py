@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clients.bench import write_json  # noqa: E402
 from clients.launch import ServerProcess  # noqa: E402
 from tasks.answers import is_correct  # noqa: E402
 from tasks.cot import ANSWER_PREFIX, cot_prompt  # noqa: E402
@@ -118,15 +117,6 @@ def table(results: dict) -> str:
     return "\n".join(out)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are shared files
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running server (default: start one on loopback)")
@@ -174,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             srv.close()
     print(table(results))
     if a.json:
-        write_json(a.json, {"settings": {k: v for k, v in vars(a).items() if k != "json"}, "summary": results,
-                            "problems": per_problem})
+        write_json({"settings": {k: v for k, v in vars(a).items() if k != "json"}, "summary": results,
+                            "problems": per_problem}, a.json)
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.helpers import (  # noqa: E402  (after HF_HUB_OFFLINE)
-    build_artifact, make_mm_tokenizer, save_tiny_gemma3, save_tiny_llama, save_tiny_memory_model)
+    build_artifact, torch_threads, make_mm_tokenizer, save_tiny_gemma3, save_tiny_llama, save_tiny_memory_model)
 from tests.live_server import LiveServer  # noqa: E402
 
 
@@ -60,3 +60,12 @@ def mm_tokenizer(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mm_checkpoint(mm_tokenizer, tmp_path_factory) -> Path:
     return save_tiny_memory_model(tmp_path_factory.mktemp("mm") / "mm-tiny", mm_tokenizer)
+
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    waiting threads make training and calibration loops ~10x slower."""
+    with torch_threads(1):
+        yield

@@ -4,6 +4,7 @@ fixtures; tests that need a variant call them directly."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -110,3 +111,33 @@ def save_tiny_memory_model(path: Path, tokenizer: Path, seed: int = 0) -> Path:
                       eos_id=tok.eos_id)
     save_checkpoint(path, build_model(cfg, seed=seed), cfg, tok, {"stage": "random", "preset": "mm-tiny"})
     return path
+
+
+def tiny_chai_model(model_dir: Path, max_len: int):
+    """The tiny Llama as an engine model with a CHAI layout: query heads 0 and 1 represent all
+    four, both reading key group 0 (only their query rows and that group's key rows are kept)."""
+    from dataclasses import replace
+
+    from compress.build import load_hf_dir
+    from engine.config import ModelArgs
+    from engine.loader import build_model
+
+    config, state = load_hf_dir(model_dir)
+    args = ModelArgs.from_hf_config(config)
+    hd, st = args.head_dim, dict(state)
+    for layer in range(args.n_layers):
+        a = f"model.layers.{layer}.self_attn."
+        st[a + "q_proj.weight"] = state[a + "q_proj.weight"][:2 * hd]
+        st[a + "k_proj.weight"] = state[a + "k_proj.weight"][:hd]
+    return build_model(replace(args, chai=[[0, 1, 0, 0]] * args.n_layers), st, max_len=max_len)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run with n intra-op threads, restoring the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

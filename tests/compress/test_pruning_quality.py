@@ -16,14 +16,7 @@ from tests.helpers import build_artifact, save_tiny_llama
 LOUD = [3, 17, 40, 51]  # input channels of layer 0's MLP made 10x larger than the rest
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    waiting threads make these training and calibration loops ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama_with_loud_mlp_inputs(path):

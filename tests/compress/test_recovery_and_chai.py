@@ -14,14 +14,7 @@ from tests.helpers import build_artifact, save_tiny_llama
 IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
-    waiting threads make these training and calibration loops ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- LoRA with knowledge distillation --------------------------------------------------------

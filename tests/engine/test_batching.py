@@ -14,6 +14,7 @@ from engine.batching import BatchConfig, BatchEngine, Sequence
 from engine.config import ModelArgs
 from engine.generate import SamplingParams, generate
 from engine.loader import build_model
+from tests.helpers import tiny_chai_model
 
 G = torch.Generator().manual_seed(0)
 
@@ -179,15 +180,8 @@ def test_logprobs_in_a_batch_equal_alone(model):
 
 
 def test_chai_model_batches_like_it_runs_alone(llama_dir):
-    # a CHAI layout: heads 0 and 1 are the representatives, both reading key group 0
-    config, state = load_hf_dir(llama_dir)
-    args = ModelArgs.from_hf_config(config)
-    hd, st = args.head_dim, dict(state)
-    for layer in range(args.n_layers):
-        a = f"model.layers.{layer}.self_attn."
-        st[a + "q_proj.weight"] = state[a + "q_proj.weight"][:2 * hd]
-        st[a + "k_proj.weight"] = state[a + "k_proj.weight"][:hd]
-    chai = build_model(replace(args, chai=[[0, 1, 0, 0]] * args.n_layers), st, max_len=64)
+    chai = tiny_chai_model(llama_dir, max_len=64)
+    args = chai.args
     specs = [(_prompt(5, args.vocab_size), greedy(9)), (_prompt(12, args.vocab_size), greedy(6))]
     seqs = [Sequence(p, sp, set()) for p, sp in specs]
     got = run(BatchEngine(chai, BatchConfig(max_num_seqs=2)), {0: seqs[:1], 2: seqs[1:]})

@@ -4,8 +4,6 @@ sliding window shorter than the prompts) and CHAI; the cache keeps under its byt
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -16,24 +14,13 @@ from engine.generate import SamplingParams, generate
 from engine.loader import build_model
 from engine.prefix_cache import PrefixCache
 from tests.engine.test_batching import _prompt, alone, greedy, run
-
-
-def _chai(llama_dir):
-    """The tiny Llama with a CHAI layout: heads 0 and 1 represent all four, reading key group 0."""
-    config, state = load_hf_dir(llama_dir)
-    args = ModelArgs.from_hf_config(config)
-    hd, st = args.head_dim, dict(state)
-    for layer in range(args.n_layers):
-        a = f"model.layers.{layer}.self_attn."
-        st[a + "q_proj.weight"] = state[a + "q_proj.weight"][:2 * hd]
-        st[a + "k_proj.weight"] = state[a + "k_proj.weight"][:hd]
-    return build_model(replace(args, chai=[[0, 1, 0, 0]] * args.n_layers), st, max_len=128)
+from tests.helpers import tiny_chai_model
 
 
 @pytest.fixture(scope="module", params=["llama_dir", "gemma_dir", "chai"])
 def model(request):
     if request.param == "chai":
-        return _chai(request.getfixturevalue("llama_dir"))
+        return tiny_chai_model(request.getfixturevalue("llama_dir"), max_len=128)
     # the tiny Gemma-3's window is 4 positions: the reused prefixes are far longer
     config, state = load_hf_dir(request.getfixturevalue(request.param))
     return build_model(ModelArgs.from_hf_config(config), state, max_len=128)
