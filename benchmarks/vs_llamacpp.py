@@ -64,18 +64,32 @@ def llamacpp_source(cache: Path) -> Path:
     return src
 
 
+def cpu_flags() -> list[str]:
+    """ggml's ISA options for this CPU, named one by one instead of GGML_NATIVE: -march=native
+    also turns on AMX where the CPU lists it, and AMX tile state needs a permission that VMs and
+    containers may refuse (seen here: llama-bench died with an invalid opcode in libggml-cpu)."""
+    have = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    opts = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
+            "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+            "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v in have else 'OFF'}" for k, v in opts.items()]
+
+
 def llamacpp_bins(cache: Path) -> tuple[str, str, Path | None]:
-    """(llama-server, llama-bench, source tree or None) from PATH or a cached build."""
+    """(llama-server, llama-bench, source tree or None) from PATH or a cached build (rebuilt
+    when the ISA flags it was configured with differ from this machine's)."""
     server, bench = shutil.which("llama-server"), shutil.which("llama-bench")
     if server and bench:
         return server, bench, None
     src = llamacpp_source(cache)
     build = cache / "build"
-    bin_dir = build / "bin"
-    if not (bin_dir / "llama-server").is_file() or not (bin_dir / "llama-bench").is_file():
-        _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-              "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"])
+    bin_dir, stamp = build / "bin", build / "hybrid-llm-flags.txt"
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", *cpu_flags()]
+    built = (bin_dir / "llama-server").is_file() and (bin_dir / "llama-bench").is_file()
+    if not built or not stamp.is_file() or stamp.read_text() != " ".join(flags):
+        _run(["cmake", "-S", str(src), "-B", str(build), *flags])
         _run(["cmake", "--build", str(build), "--target", "llama-server", "llama-bench", "-j", str(os.cpu_count())])
+        stamp.write_text(" ".join(flags))
     return str(bin_dir / "llama-server"), str(bin_dir / "llama-bench"), src
 
 
@@ -155,7 +169,7 @@ def _metric(res: dict, conc: int, key: str) -> float | None:
 def ratio_table(ours: dict, peer: dict, concurrency: list[int], turns: dict) -> str:
     rows = ["| | ours | llama.cpp | ours / llama.cpp |", "|---|---:|---:|---:|"]
     for conc in concurrency:
-        for name, key, scale in (("TTFT median ms", "ttft_ms.median", 1), ("TPOT median ms", "tpot_ms.median", 1),
+        for name, key, scale in (("TTFT median ms", "ttft_s.median", 1000), ("TPOT median ms", "tpot_s.median", 1000),
                                  ("output tok/s", "output_throughput", 1)):
             a, b = _metric(ours, conc, key), _metric(peer, conc, key)
             if a is not None and b:
@@ -182,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true", help="build llama.cpp and convert the GGUF, then stop")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "vs_llamacpp.json")
     p.add_argument("--plot", type=Path)
+    p.add_argument("--table-only", action="store_true", help="reprint the ratio table of an earlier --out file")
     a = p.parse_args(argv)
     conc = [int(x) for x in a.concurrency.split(",")]
+    if a.table_only:
+        old = json.loads(a.out.read_text())
+        print(ratio_table(old["bench"]["ours"], old["bench"]["llama.cpp"], conc, old["multi_turn"]))
+        return 0
     cache = cache_dir() / "llama.cpp"
     server_exe, _, src = llamacpp_bins(cache)
     gguf = a.gguf or convert_gguf(src, ensure_hf_dir(a.source), cache / f"{a.source}-{a.outtype}.gguf", a.outtype)
