@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import SamplingParams, StepOutput, make_generator, token_logprobs
+from .generate import SamplingParams, StepOutput, constrained_sample, make_generator, token_logprobs
+from .grammar import RowGrammars
 from .kv_cache import SlotKVCache
 from .prefix_cache import PrefixCache
-from .sampling import sample
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Sequence:
         self.last = [0] * n  # per row: the sampled token not yet fed to the model
         self.out: list[list[int]] = [[] for _ in range(n)]  # per row: every sampled token
         self.gen = make_generator(self.params.seed)
+        self.grammars = RowGrammars(self.params.grammar, n) if self.params.grammar is not None else None
 
     @property
     def admitted(self) -> bool:
@@ -213,13 +214,16 @@ class BatchEngine:
         """Sample `rows` of `seq` (logits (len(rows), V)) with its own parameters and generator;
         a StepOutput over all n rows as `generate` yields it (other rows inactive)."""
         p, n = seq.params, seq.params.n
-        tok = sample(logits, p.temperature, p.top_k, p.top_p, seq.gen)
+        tok, ended = constrained_sample(logits, p, seq.gen, seq.grammars, rows)
         lps = token_logprobs(logits, tok, p.logprobs)
-        out = StepOutput([0] * n, [False] * n, [False] * n, [None] * n if lps is not None else None)
+        out = StepOutput([0] * n, [False] * n, [False] * n, [None] * n if lps is not None else None,
+                         [False] * n if seq.grammars is not None else None)
         for j, (i, t) in enumerate(zip(rows, tok.tolist())):
             out.tokens[i], out.active[i] = t, True
-            out.eos[i] = not p.ignore_eos and t in seq.eos_ids
-            seq.finished[i] = seq.finished[i] or out.eos[i]
+            out.eos[i] = t in seq.eos_ids and (not p.ignore_eos or ended[j])  # a finished grammar ends even then
+            if out.ended is not None:
+                out.ended[i] = ended[j] and not out.eos[i]
+            seq.finished[i] = seq.finished[i] or out.eos[i] or ended[j]
             seq.last[i] = t
             seq.out[i].append(t)
             if lps is not None:

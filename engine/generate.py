@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import Grammar, RowGrammars
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import sample
@@ -29,6 +30,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top k
+    grammar: Grammar | None = None  # structured output: every row's text must match it
 
 
 @dataclass
@@ -41,6 +43,18 @@ class StepOutput:
     # per row: (logprob of the chosen token, [(token, logprob)] top alternatives), when asked;
     # None for an inactive row
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    # per row: the grammar ended the row with this (non-EOS) token; its text counts, then "stop"
+    ended: list[bool] | None = None
+
+
+def constrained_sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator,
+                       grammars: RowGrammars | None, rows: list[int]) -> tuple[torch.Tensor, list[bool]]:
+    """Sample `rows` (logits (len(rows), V)) within their grammars, if any; (tokens, per row:
+    the grammar ended it)."""
+    allowed = grammars.allowed(rows, logits.device) if grammars is not None else None
+    tok = sample(logits, params.temperature, params.top_k, params.top_p, gen, allowed)
+    ended = grammars.advance(rows, tok.tolist()) if grammars is not None else [False] * len(rows)
+    return tok, ended
 
 
 @torch.inference_mode()
@@ -103,16 +117,23 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams, 
     else:
         cache = prompt_cache
     finished = finished_rows if finished_rows is not None else [False] * n
+    grammars = RowGrammars(params.grammar, n) if params.grammar is not None else None
     for step in range(params.max_tokens):
         if cancel is not None and cancel.is_set():
             return
-        tok = sample(logits, params.temperature, params.top_k, params.top_p, gen)
-        toks = tok.tolist()
         active = [not f for f in finished]
-        eos = [a and not params.ignore_eos and t in eos_ids for a, t in zip(active, toks)]
-        for i, e in enumerate(eos):
-            finished[i] = finished[i] or e
-        yield StepOutput(toks, active, eos, token_logprobs(logits, tok, params.logprobs))
+        live = [i for i in range(n) if active[i]]
+        tok, ended_live = constrained_sample(logits[live], params, gen, grammars, live)
+        toks, ended = [0] * n, [False] * n
+        for j, i in enumerate(live):
+            toks[i], ended[i] = int(tok[j]), ended_live[j]
+        eos = [a and t in eos_ids and (not params.ignore_eos or e) for a, t, e in zip(active, toks, ended)]
+        ended = [e and not x for e, x in zip(ended, eos)]
+        for i in range(n):
+            finished[i] = finished[i] or eos[i] or ended[i]
+        full = torch.tensor(toks, device=logits.device)
+        yield StepOutput(toks, active, eos, token_logprobs(logits, full, params.logprobs),
+                         ended if grammars is not None else None)
         if all(finished) or step == params.max_tokens - 1:
             return
-        logits = decode_one_token(model, tok, cache)
+        logits = decode_one_token(model, full, cache)

@@ -31,10 +31,18 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Only the `allowed` (B, V) bool tokens can be sampled (a grammar's mask); None: all."""
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
-    logits = logits.float()
+           generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,); `allowed` restricts the choice before anything else
+    (so top-k / top-p pick among allowed tokens, as in vLLM's structured outputs)."""
+    logits = apply_allowed(logits.float(), allowed)
     if temperature <= 0.0:
         return torch.argmax(logits, dim=-1)
     logits = apply_top_p(apply_top_k(logits / temperature, top_k), top_p)

@@ -51,6 +51,9 @@ def _advance(row: _Row, step, i: int, finished: list[bool]) -> str:
     if row.stop.stopped:
         finished[i] = True  # the batch engine (or generate) stops decoding this row
         row.finish_reason = "stop"
+    elif step.ended is not None and step.ended[i]:  # the grammar's document is complete
+        row.finish_reason = "stop"
+        text += row.stop.feed(row.detok.flush()) + row.stop.flush()
     return text
 
 

@@ -31,6 +31,7 @@ import torch
 from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.events import Delta, Event, Reasoning, Stats, TokenStep, Usage
 from engine.generate import SamplingParams, decode_one_token, make_generator, prefill
+from engine.grammar import RowGrammars
 from engine.runner import LoadedModel
 from engine.sampling import sample
 from memory_model.condense import MemoryModel
@@ -177,8 +178,10 @@ class _Request:
         if self.hp.return_reasoning and text:
             yield Reasoning(text)
 
-    def pick(self, temperature: float) -> Callable[[torch.Tensor], int]:
-        return lambda lg: int(sample(lg, temperature, self.sp.top_k, self.sp.top_p, self.gen)[0])
+    def pick(self, temperature: float, grammar: RowGrammars | None = None) -> Callable[[torch.Tensor], int]:
+        """Sample one token; within `grammar` (its row 0) when given (the caller consumes the token)."""
+        return lambda lg: int(sample(lg, temperature, self.sp.top_k, self.sp.top_p, self.gen,
+                                     grammar.allowed([0], lg.device) if grammar is not None else None)[0])
 
 
 def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | str]:
@@ -226,12 +229,16 @@ def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event]:
     detok = IncrementalDetokenizer(lm.tokenizer, ids)
     stops = StopMatcher(stop + [s for s in extra_stops if s not in stop])
     eos = set() if sp.ignore_eos else lm.eos_ids
+    grammar = RowGrammars(sp.grammar, 1) if sp.grammar is not None else None  # structured output / tools
     n, finish = 0, None
-    for tok in _decode(r.large_kv, ids, sp.max_tokens, eos, r.pick(sp.temperature), r.cancel):
+    for tok in _decode(r.large_kv, ids, sp.max_tokens, eos, r.pick(sp.temperature, grammar), r.cancel):
         n += 1
         r.on_tokens(1)
+        ended = grammar is not None and grammar.advance([0], [tok])[0]
         text = stops.feed(detok.push(tok))
-        finish = "stop" if stops.stopped else None
+        if ended and not stops.stopped:  # the document is complete
+            text += stops.feed(detok.flush()) + stops.flush()
+        finish = "stop" if stops.stopped or ended else None
         yield TokenStep([Delta(0, text, finish)], time.perf_counter())
         if finish:
             break

@@ -1,19 +1,20 @@
 """The OpenAI wire schema, as pydantic models (one module, fields in the OpenAI docs' order).
 
 Requests ignore unknown top-level fields (clients send many optional ones), but fields we
-accept and cannot honour (tools, logit_bias, JSON mode, penalties) are rejected by
-`unsupported()` with a clear 400 instead of being silently dropped.
+accept and cannot honour (logit_bias, penalties) are rejected by `unsupported()` with a clear
+400 instead of being silently dropped.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.generate import SamplingParams
+from engine.grammar import GrammarSpec
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -34,10 +35,42 @@ class ContentPart(BaseModel):
     text: str
 
 
+class ParamError(ValueError):
+    """A request whose fields parse but cannot be served together; `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this is the result of
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -49,6 +82,19 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+def _json_value(v):
+    """guided_json's schema, given as an object or as its text."""
+    if isinstance(v, str):
+        import json
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ParamError(f"guided_json is not valid JSON: {e}", "guided_json") from e
+    if not isinstance(v, dict):
+        raise ParamError("guided_json must be a JSON schema object", "guided_json")
+    return v
 
 
 def _find_surrogate(obj, loc: str = "") -> str | None:
@@ -68,6 +114,25 @@ def _find_surrogate(obj, loc: str = "") -> str | None:
             if (bad := _find_surrogate(v, f"{loc}.{i}")) is not None:
                 return bad
     return None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
 
 
 class SamplingRequest(BaseModel):
@@ -98,6 +163,30 @@ class SamplingRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's guided decoding extensions: the output matches a JSON schema, a regex, or one choice
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+
+    def grammar_spec(self) -> tuple[str, GrammarSpec] | None:
+        """(the parameter that asked, what the output must match), or None for free text."""
+        asked = [k for k in ("guided_json", "guided_regex", "guided_choice") if getattr(self, k) is not None]
+        rf = self.response_format if self.response_format is not None and self.response_format.type != "text" \
+            else None
+        if len(asked) + (rf is not None) > 1:
+            raise ParamError("at most one of response_format, guided_json, guided_regex and guided_choice",
+                             asked[-1] if asked else "response_format")
+        if rf is not None:
+            schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+            return "response_format", GrammarSpec("json", schema if schema is not None else None)
+        if self.guided_json is not None:
+            return "guided_json", GrammarSpec("json", _json_value(self.guided_json))
+        if self.guided_regex is not None:
+            return "guided_regex", GrammarSpec("regex", self.guided_regex)
+        if self.guided_choice is not None:
+            return "guided_choice", GrammarSpec("choice", self.guided_choice)
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -150,6 +239,27 @@ class HybridOptions(BaseModel):
     condense_with: Literal["memory_model", "truncate"] | None = None  # "truncate": the no-memory-model control
 
 
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema for the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 # reasoning_effort -> hybrid loops (none/minimal: answer directly)
 REASONING_EFFORT_LOOPS = {"none": 0, "minimal": 0, "low": 1, "medium": 2, "high": 4}
 
@@ -161,9 +271,9 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    response_format: dict | None = None
-    tools: list[dict] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -174,10 +284,6 @@ class ChatCompletionRequest(SamplingRequest):
     def unsupported(self):
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs requires logprobs to be true"
-        if self.tools:
-            return "tools", "tool calling is not supported by this server"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format {\"type\": \"text\"} is supported"
         return super().unsupported()
 
 
@@ -295,9 +401,13 @@ class CompletionLogprobs(BaseModel):
                    text_offset=offsets)
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
     # the hybrid loop's reasoning under both names clients read (vLLM/DeepSeek, OpenRouter)
     reasoning_content: str | None = None
     reasoning: str | None = None
@@ -307,7 +417,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -320,9 +430,22 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
 
@@ -331,7 +454,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

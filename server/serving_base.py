@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from engine.events import Delta, Done, Event, Failed, Reasoning, Stats, TokenLogprob, TokenStep, Usage
 from engine.generate import SamplingParams
+from engine.grammar import GrammarError, GrammarSpec
 from engine.runner import LoadedModel
 from engine.textgen import TextRequest
 
@@ -35,6 +36,7 @@ class Reply:
     fingerprint: str  # which power profile served it
     include_usage: bool = False  # streams: a last chunk with usage (stream_options.include_usage)
     stats: object = None  # the hybrid loop's HybridStats, once its Stats event came
+    tool_streams: list | None = None  # a chat request with tools: a `tools.CallStream` per choice
     arrived: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=P.now)
 
@@ -108,6 +110,24 @@ class OpenAIServing:
         params = req.to_sampling_params(max_tokens)
         params.stop = params.stop + [s for s in extra_stops if s not in params.stop]
         return params
+
+    def constrain(self, params: SamplingParams, lm: LoadedModel, asked: tuple[str, GrammarSpec] | None) -> None:
+        """Compile what the output must match into `params.grammar`; a bad schema / regex /
+        choice list (or a JSON-schema keyword the engine cannot enforce) is a 400 naming the
+        parameter that asked for it."""
+        if asked is None:
+            return
+        param, spec = asked
+        try:
+            params.grammar = lm.compile_grammar(spec)
+        except GrammarError as e:
+            raise APIError(400, f"invalid {param}: {e}", param=param, code="invalid_grammar") from e
+
+    def grammar_spec(self, req: P.SamplingRequest) -> tuple[str, GrammarSpec] | None:
+        try:
+            return req.grammar_spec()
+        except P.ParamError as e:
+            raise APIError(400, str(e), param=e.param) from e
 
     def reply(self, req: P.SamplingRequest, lm: LoadedModel, n_prompt: int, n: int) -> Reply:
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)

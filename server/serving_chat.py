@@ -15,6 +15,7 @@ from . import wire
 from .errors import APIError
 from .hybrid import HybridParams, context_budget, hybrid_work
 from .serving_base import Collected, OpenAIServing, Reply, visible
+from .tools import CallStream, ToolPlan, parse_calls, render_messages
 
 
 class ChatServing(OpenAIServing):
@@ -23,18 +24,29 @@ class ChatServing(OpenAIServing):
     async def create(self, req: P.ChatCompletionRequest, request: Request):
         self.check_supported(req)
         lm = self.ctx.model_for(req.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            plan = ToolPlan.of(req)
+        except P.ParamError as e:
+            raise APIError(400, str(e), param=e.param) from e
+        messages = render_messages(req.messages, plan)
         try:
             prompt_ids, stops = lm.encode_chat(messages)
         except TemplateError as e:  # e.g. a template that rejects this role order
             raise APIError(400, f"the model's chat template rejected these messages: {e}", param="messages") from e
+        asked = ("tools", plan.grammar()) if plan is not None else self.grammar_spec(req)
         hp = self.hybrid_params(req)
         if hp is None:
             params = self.sampling_params(req, lm, len(prompt_ids), stops)
+            self.constrain(params, lm, asked)
             work = self.generation(lm, prompt_ids, params)
         else:
-            params, work = self._hybrid_job(req, lm, messages, len(prompt_ids), hp)
+            if asked is not None and hp.answer_prefix:
+                raise APIError(400, "hybrid.answer_prefix cannot be combined with structured output or tools: "
+                                    "the prefix would not match the grammar", param="hybrid")
+            params, work = self._hybrid_job(req, lm, messages, len(prompt_ids), hp, asked)
         r = self.reply(req, lm, len(prompt_ids), params.n)
+        if plan is not None:
+            r.tool_streams = [CallStream() for _ in range(params.n)]
         job = self.submit(lm, work)
         if req.stream:
             head = [self._chunk(r, [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
@@ -79,7 +91,7 @@ class ChatServing(OpenAIServing):
         return hp
 
     def _hybrid_job(self, req: P.ChatCompletionRequest, lm: LoadedModel, messages: list[dict], n_prompt: int,
-                    hp: HybridParams):
+                    hp: HybridParams, asked):
         """(sampling params of the answer, the worker job) within the context and KV budgets."""
         if messages[-1]["role"] != "user":
             raise APIError(400, "the hybrid loop needs the last message to be the user's", param="messages")
@@ -98,6 +110,7 @@ class ChatServing(OpenAIServing):
                                 f"{cfg.max_kv_cache_mb} MiB per-request limit", param="max_tokens",
                            code="kv_cache_limit")
         params = req.to_sampling_params(answer_tokens)
+        self.constrain(params, lm, asked)  # the answer stage is the constrained one
         counter = self.ctx.metrics.generation_tokens.labels(lm.name)
         return params, hybrid_work(lm, mm, messages, hp, params, capacity, params.stop, counter.inc)
 
@@ -112,22 +125,40 @@ class ChatServing(OpenAIServing):
             delta = P.DeltaMessage(reasoning_content=ev.text, reasoning=ev.text)
             return [self._chunk(r, [P.ChatChunkChoice(index=0, delta=delta)])]
         if isinstance(ev, TokenStep):
-            choices = [P.ChatChunkChoice(
-                index=d.index, delta=P.DeltaMessage(content=d.text or None), finish_reason=d.finish_reason,
-                logprobs=P.ChoiceLogprobs(content=[wire.logprob_entry(d.logprob)]) if d.logprob is not None else None)
-                for d in visible(ev.deltas)]
+            choices = [self._chunk_choice(d, r) for d in visible(ev.deltas)]
+            choices = [c for c in choices if c is not None]
             return [self._chunk(r, choices)] if choices else []
         if isinstance(ev, Usage) and r.include_usage:
             return [self._chunk(r, [], wire.usage(r.n_prompt, ev.completion_tokens, r.stats, ev.cached_tokens))]
         return []
 
+    @staticmethod
+    def _chunk_choice(d, r: Reply) -> P.ChatChunkChoice | None:
+        """A delta's chunk choice; with tools, its text goes through the choice's CallStream
+        (held back while it may start a call, whole calls as tool_calls deltas)."""
+        lp = P.ChoiceLogprobs(content=[wire.logprob_entry(d.logprob)]) if d.logprob is not None else None
+        text, calls, finish = d.text, None, d.finish_reason
+        if r.tool_streams is not None:
+            cs = r.tool_streams[d.index]
+            text, calls = cs.feed(d.text)
+            if finish is not None:
+                text += cs.close()
+                finish = "tool_calls" if cs.n_calls and finish == "stop" else finish
+            if not text and not calls and finish is None and lp is None:
+                return None
+        return P.ChatChunkChoice(index=d.index, delta=P.DeltaMessage(content=text or None, tool_calls=calls or None),
+                                 finish_reason=finish, logprobs=lp)
+
     def _body(self, c: Collected, r: Reply, want_lp: bool) -> P.ChatCompletionResponse:
         reasoning = c.reasoning or None
+        choices = []
+        for i, (t, f) in enumerate(zip(c.texts, c.finish)):
+            msg = P.ResponseMessage(content=t, reasoning_content=reasoning, reasoning=reasoning)
+            calls = parse_calls(t) if r.tool_streams is not None else None
+            if calls:
+                msg.content, msg.tool_calls, f = None, calls, "tool_calls" if f == "stop" else f
+            choices.append(P.ChatChoice(index=i, finish_reason=f or "length", message=msg, logprobs=P.ChoiceLogprobs(
+                content=[wire.logprob_entry(e) for e in c.logprobs[i]]) if want_lp else None))
         return P.ChatCompletionResponse(
             id=r.id, created=r.created, model=r.lm.name, system_fingerprint=r.fingerprint,
-            usage=wire.usage(r.n_prompt, c.completion_tokens, c.stats, c.cached_tokens),
-            choices=[P.ChatChoice(index=i, finish_reason=f or "length",
-                                  message=P.ResponseMessage(content=t, reasoning_content=reasoning, reasoning=reasoning),
-                                  logprobs=P.ChoiceLogprobs(content=[wire.logprob_entry(e) for e in c.logprobs[i]])
-                                  if want_lp else None)
-                     for i, (t, f) in enumerate(zip(c.texts, c.finish))])
+            usage=wire.usage(r.n_prompt, c.completion_tokens, c.stats, c.cached_tokens), choices=choices)

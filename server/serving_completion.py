@@ -25,6 +25,7 @@ class CompletionServing(OpenAIServing):
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
         params = self.sampling_params(req, lm, len(prompt_ids), [])
+        self.constrain(params, lm, self.grammar_spec(req))
         r = self.reply(req, lm, len(prompt_ids), params.n)
         job = self.submit(lm, self.generation(lm, prompt_ids, params))
         with_top = bool(params.logprobs)

@@ -3,6 +3,7 @@ KV-cache prefix reuse, cancellation mid-loop, and the request/response extension
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -292,3 +293,18 @@ def test_truncate_control_keeps_the_question_and_the_cot_tail_without_a_memory_m
         assert r.status_code == 400 and r.json()["error"]["code"] == "hybrid_unavailable"
     finally:
         srv.close()
+
+
+def test_hybrid_answer_stage_is_the_constrained_one(hybrid_srv):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["answer"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    r = _chat(hybrid_srv, hybrid=SMALL, max_tokens=200, temperature=1.0, seed=2, response_format=fmt)
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    assert c["finish_reason"] == "stop" and "[loop 1] reasoning" in c["message"]["reasoning_content"]
+    jsonschema.validate(json.loads(c["message"]["content"]), schema)
+    r = _chat(hybrid_srv, hybrid={**SMALL, "answer_prefix": "The answer is"}, response_format=fmt)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hybrid"
