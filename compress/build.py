@@ -31,7 +31,12 @@ def load_hf_dir(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     state: dict[str, torch.Tensor] = {}
     for shard in tqdm(shards, desc="loading weights", disable=len(shards) == 1):
         state.update(load_file(str(shard)))
-    return json.loads(config_path.read_text()), state
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") == "phi3":  # fused qkv / gate_up -> Llama's names (engine.naming)
+        heads = config["num_attention_heads"]
+        hd = config.get("head_dim") or config["hidden_size"] // heads
+        state = naming.split_fused(state, heads * hd, (config.get("num_key_value_heads") or heads) * hd)
+    return config, state
 
 
 def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = False, progress: bool = True,
@@ -44,6 +49,8 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
     source_params = sum(t.numel() for t in state.values())
     ctx: dict = {"dtype": "float32", "int8_kernel": None, "config": config, "model_dir": model_dir,
                  "progress": progress}
+    if config.get("model_type") == "phi3":
+        ctx["hf_blocker"] = "Phi-3's qkv_proj / gate_up_proj are stored split into Llama's names (engine only)"
     for step in steps:
         state = step.apply(state, ctx)
     n_params = stored_params(state)
@@ -66,6 +73,7 @@ def build(model_dir: Path, out: Path, recipe: str, source: dict, force: bool = F
             "name": out.name,
             "source": source,
             "arch": args.arch,
+            "model_type": config.get("model_type"),
             "recipe": recipe,
             "steps": [s.record() for s in steps],
             "dtype": ctx["dtype"],

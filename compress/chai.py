@@ -127,7 +127,7 @@ def hf_chai_model(cfg, reps: list[list[int]]):
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="chai").float()
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    bias = bool(getattr(cfg, "attention_bias", False))
+    bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
     for layer, rep in zip(model.model.layers, reps):
         attn = layer.self_attn
         attn.chai_layout = ChaiLayout(rep or list(range(nh)), nh, nkv)
@@ -193,8 +193,10 @@ class ChaiStep(Step):
             k_heads += len(keep_k)
             hd = args.head_dim
             p = naming.layer_prefix(layer) + "self_attn."
-            state[p + "q_proj.weight"] = torch.cat([state[p + "q_proj.weight"][h * hd:(h + 1) * hd] for h in keep_q])
-            state[p + "k_proj.weight"] = torch.cat([state[p + "k_proj.weight"][g * hd:(g + 1) * hd] for g in keep_k])
+            for proj, keep in (("q_proj", keep_q), ("k_proj", keep_k)):
+                for kind in ("weight", "bias"):  # a Qwen2-style bias loses the same rows
+                    if (key := f"{p}{proj}.{kind}") in state:
+                        state[key] = torch.cat([state[key][h * hd:(h + 1) * hd] for h in keep])
         config["chai_representatives"] = reps
         ModelArgs.from_hf_config(config)  # validates the layout
         n_q = sum(len(set(r)) if r else args.n_heads for r in reps)

@@ -44,12 +44,12 @@ class ChannelPruneStep(Step):
             w_down = state[down].float() * (state[down_scale][:, None] if down_scale in state else 1)
             importance = w_down.norm(dim=0) * grams[down].diagonal().clamp(min=0).sqrt()
             keep = importance.topk(keep_n).indices.sort().values  # keep channel order
-            for proj in ("gate_proj", "up_proj"):  # rows; per-row int8 scales follow their rows
+            for proj in ("gate_proj", "up_proj"):  # rows
                 name = naming.weight_of(prefix + proj)
                 scale = naming.scale_name(name)
-                state[name] = state[name][keep].contiguous()
-                if scale in state:
-                    state[scale] = state[scale][keep].contiguous()
+                for key in (name, scale, naming.bias_of(name)):  # int8 scales and biases follow their rows
+                    if key in state:
+                        state[key] = state[key][keep].contiguous()
             state[down] = state[down][:, keep].contiguous()  # columns; row scales unchanged
         ctx["config"]["intermediate_size"] = keep_n
         self.stats = {"intermediate_size_before": hidden, "intermediate_size_after": keep_n,

@@ -107,9 +107,8 @@ def remove_blocks(state: dict[str, torch.Tensor], config: dict, remove: set[int]
         config["layer_types"] = [types[i] for i in keep]
     if config.get("chai_representatives"):  # CHAI clusters belong to their blocks
         config["chai_representatives"] = [config["chai_representatives"][i] for i in keep]
-    for key in ("max_window_layers",):  # Qwen-style per-depth settings would need remapping
-        if key in config:
-            raise RecipeError(f"depth: config field {key!r} depends on depth and is not remapped")
+    if "max_window_layers" in config:  # Qwen2/3: the first N layers use full attention
+        config["max_window_layers"] = sum(1 for i in keep if i < config["max_window_layers"])
     return out, config
 
 

@@ -51,6 +51,9 @@ def hf_model_from_state(config: dict, state: dict[str, torch.Tensor]):
     """A transformers causal LM with this config and (float) state, on the CPU in fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if config.get("model_type") == "phi3":  # transformers' Phi-3 fuses qkv / gate_up; our state splits them
+        raise RecipeError("lora: Phi-3 is not supported by the LoRA / KD steps (transformers' Phi3 modules fuse "
+                          "qkv_proj and gate_up_proj, which the engine's artifacts store split)")
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("quantization_config",)})
     cfg.dtype = torch.float32
     if config.get("chai_representatives"):  # CHAI-Target / CHAI-KD: train the clustered model itself

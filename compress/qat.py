@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import naming
-from engine.loader import FUSED_PROJECTIONS
+from engine.loader import FUSED_PROJECTIONS, Biased
 
 from .step import RecipeError, Step
 
@@ -76,8 +76,12 @@ class QATStep(Step):
             for path in FUSED_PROJECTIONS:
                 parent, attr = path.split(".")
                 owner = getattr(block, parent)
-                fq = FakeQuantLinear(getattr(owner, attr).weight, self.act_bits, self.weight_bits)
-                setattr(owner, attr, fq)
+                mod = getattr(owner, attr)
+                fq = FakeQuantLinear(mod.weight, self.act_bits, self.weight_bits)
+                if isinstance(mod, Biased):  # the bias stays, beside the fake-quantized matmul
+                    mod.base = fq
+                else:
+                    setattr(owner, attr, fq)
                 params.append(fq.weight)
         seqs = training_windows(ctx, self.steps * self.batch, self.seq_len)
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)

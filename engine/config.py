@@ -1,10 +1,11 @@
 """Architecture description of the decoder models the engine runs.
 
-One dataclass covers Llama-style models (SmolLM2) and Gemma-3 text models: the
-differences are a handful of switches (norm offset, QK-norm, sandwich norms,
-activation, per-layer sliding window and RoPE base). `from_hf_config` maps a
-Hugging Face `config.json` dict onto it and refuses features the engine does
-not implement instead of silently computing something else.
+One dataclass covers Llama-style models (SmolLM2, Llama 3, Mistral, Qwen2, Qwen3, Phi-3) and
+Gemma-3 text models: the differences are a handful of switches (norm offset, QK-norm,
+sandwich norms, activation, per-layer sliding window and RoPE base, Llama 3 RoPE scaling);
+projection biases (Qwen2's q/k/v) come with the weights. `from_hf_config` maps a Hugging Face
+`config.json` dict onto it and refuses features the engine does not implement instead of
+silently computing something else.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class ModelArgs:
     sandwich_norm: bool = False  # extra norms after attention and around the MLP
     activation: str = "silu"  # "silu" or "gelu_tanh"
     attn_scale: float | None = None  # None = head_dim ** -0.5
+    # Llama 3 RoPE frequency scaling: {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}; None = plain RoPE
+    rope_scaling: dict | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     # CHAI clustered-head attention: per layer, the representative query head of each head
@@ -70,8 +74,6 @@ class ModelArgs:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
         eos = cfg.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise NotImplementedError(f"{model_type}: biased projections are not supported by the engine")
         common = dict(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],
@@ -87,10 +89,8 @@ class ModelArgs:
             eos_token_ids=eos_ids,
             chai=[list(r) for r in cfg.get("chai_representatives") or []],
         )
-        if model_type == "llama":
-            rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
-            _require_default_rope(rope, model_type)
-            return cls(arch="llama", rope_theta=[float(rope["rope_theta"])] * n_layers, **common)
+        if model_type in LLAMA_LIKE:
+            return cls(arch="llama", **_llama_like(cfg, model_type, n_layers), **common)
         if model_type in ("gemma3_text", "gemma3"):
             if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
                 raise NotImplementedError("gemma3: logit soft-capping is not supported by the engine")
@@ -117,7 +117,46 @@ class ModelArgs:
                 attn_scale=cfg.get("query_pre_attn_scalar", head_dim) ** -0.5,
                 **common,
             )
-        raise NotImplementedError(f"model_type {model_type!r} is not supported (supported: llama, gemma3_text)")
+        raise NotImplementedError(f"model_type {model_type!r} is not supported (supported: "
+                                  f"{', '.join(LLAMA_LIKE)}, gemma3_text)")
+
+
+# Hugging Face model types that are Llama's block with switches (and their weight names, after
+# naming.split_fused for Phi-3's fused projections)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _llama_like(cfg: dict, model_type: str, n_layers: int) -> dict:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0), **rope}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    scaling = None
+    if rope_type == "llama3":
+        scaling = {k: float(rope[k]) for k in LLAMA3_ROPE_KEYS}
+    elif rope_type != "default":
+        raise NotImplementedError(f"{model_type}: rope_type {rope_type!r} is not supported (default, llama3)")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError(f"{model_type}: partial_rotary_factor {cfg['partial_rotary_factor']} is not "
+                                  "supported (RoPE over the whole head only)")
+    return dict(rope_theta=[float(rope["rope_theta"])] * n_layers, rope_scaling=scaling,
+                sliding_window=_windows(cfg, model_type, n_layers), qk_norm=model_type == "qwen3")
+
+
+def _windows(cfg: dict, model_type: str, n_layers: int) -> list[int | None]:
+    """Per-layer sliding window: Mistral and Phi-3 window every layer when `sliding_window` is
+    set; Qwen2/3 only with `use_sliding_window`, on the layers `layer_types` marks."""
+    w = cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        if not cfg.get("use_sliding_window"):
+            return [None] * n_layers
+        types = cfg.get("layer_types") or []
+        if len(types) != n_layers:
+            raise NotImplementedError(f"{model_type}: use_sliding_window without layer_types is not supported")
+        return [w if t == "sliding_attention" else None for t in types]
+    if model_type == "llama" or not w:
+        return [None] * n_layers
+    return [int(w)] * n_layers
 
 
 def _require_default_rope(rope: dict, model_type: str) -> None:

@@ -193,6 +193,33 @@ def _base_projection(state: dict, names: list[str], dtype, kernel: str) -> nn.Mo
     return _dense(torch.cat(ws, dim=0), None if kinds == {"float"} else torch.cat(scales, dim=0), dtype, kernel, act)
 
 
+class Biased(nn.Module):
+    """y = base(x) + bias: projection biases (Qwen2's q/k/v, Llama's attention_bias) beside
+    any base kind (float, int8, int4, low-rank), in the output dtype."""
+
+    def __init__(self, base: nn.Module, bias: torch.Tensor, dtype):
+        super().__init__()
+        self.base = base
+        self.register_buffer("bias", bias.to(dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:  # calibration steps read and write the base's weight through it
+        return self.base.weight
+
+    def forward(self, x):
+        y = self.base(x)
+        return y + self.bias.to(y.dtype)
+
+
+def _with_bias(state: dict, names: list[str], module: nn.Module, dtype) -> nn.Module:
+    """Wrap a fused projection with its parts' biases (zeros for parts without one), if any."""
+    biases = [state.get(naming.bias_of(n)) for n in names]
+    if all(b is None for b in biases):
+        return module
+    return Biased(module, torch.cat([b.float() if b is not None else torch.zeros(_out_features(state, n))
+                                     for b, n in zip(biases, names)]), dtype)
+
+
 def _set_param(module: nn.Module, w: torch.Tensor):
     module.weight = nn.Parameter(w.to(module.weight.dtype), requires_grad=False)
 
@@ -222,7 +249,8 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
         for path, projs in FUSED_PROJECTIONS.items():
             parent, attr = path.split(".")
             names = [naming.layer_weight(i, p) for p in projs]
-            setattr(getattr(block, parent), attr, _projection(state, names, compute, int8_kernel))
+            setattr(getattr(block, parent), attr,
+                    _with_bias(state, names, _projection(state, names, compute, int8_kernel), compute))
         p = naming.layer_prefix(i)
         a = p + "self_attn."
         _set_param(block.attn_norm, state[p + "input_layernorm.weight"])
@@ -253,6 +281,6 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
 def rope_buffers(args: ModelArgs, max_len: int) -> dict[str, torch.Tensor]:
     out = {}
     for i, theta in enumerate(sorted(set(args.rope_theta))):
-        cos, sin = rope_tables(args.head_dim, theta, max_len)
+        cos, sin = rope_tables(args.head_dim, theta, max_len, args.rope_scaling)
         out[f"rope_cos_{i}"], out[f"rope_sin_{i}"] = cos, sin
     return out

@@ -9,6 +9,8 @@ independent sequences at different positions (continuous batching, `engine.batch
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,8 +38,24 @@ class RMSNorm(nn.Module):
         return (xf * (self.offset + self.weight.float())).to(x.dtype)
 
 
-def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3's RoPE scaling (transformers' `_compute_llama3_parameters`): long wavelengths
+    slowed by `factor`, short ones kept, the band between interpolated."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(head_dim: int, theta: float, max_len: int, scaling: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # HF "rotate_half" layout
     return emb.cos(), emb.sin()
@@ -205,7 +223,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._rope = {}
         for theta in sorted(set(args.rope_theta)):
-            cos, sin = rope_tables(args.head_dim, theta, self.max_len)
+            cos, sin = rope_tables(args.head_dim, theta, self.max_len, args.rope_scaling)
             self.register_buffer(f"rope_cos_{len(self._rope)}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{len(self._rope)}", sin, persistent=False)
             self._rope[theta] = len(self._rope)

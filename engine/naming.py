@@ -84,6 +84,35 @@ def projection_of(name: str) -> str:
     return name.split(".")[4]
 
 
+def bias_of(weight: str) -> str:
+    """'model.layers.0.self_attn.q_proj.weight' -> 'model.layers.0.self_attn.q_proj.bias'"""
+    return module_of(weight) + ".bias"
+
+
+# Phi-3 stores q/k/v and gate/up as one matrix each; split into Llama's names on load, so every
+# compress step and the loader see one set of names.
+FUSED_HF = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def split_fused(state: dict, q_rows: int, kv_rows: int) -> dict:
+    """Phi-3's `qkv_proj` ([q; k; v] rows) and `gate_up_proj` ([gate; up]) as separate weights."""
+    out = {}
+    for name, t in state.items():
+        parts = name.split(".")
+        fused = ".".join(parts[3:5]) if name.startswith(LAYERS) else None
+        if fused not in FUSED_HF:
+            out[name] = t
+            continue
+        prefix, suffix = ".".join(parts[:3]), ".".join(parts[5:])
+        sizes = [q_rows, kv_rows, kv_rows] if fused == "self_attn.qkv_proj" else [t.shape[0] // 2] * 2
+        if sum(sizes) != t.shape[0]:
+            raise ValueError(f"{name}: {t.shape[0]} rows, expected {sum(sizes)}")
+        for proj, piece in zip(FUSED_HF[fused], t.split(sizes, dim=0)):
+            out[f"{prefix}.{proj}.{suffix}"] = piece.contiguous()
+    return out
+
+
 def module_of(weight: str) -> str:
     """'model.layers.0.mlp.up_proj.weight' -> 'model.layers.0.mlp.up_proj'"""
     return weight[: -len(WEIGHT)]
