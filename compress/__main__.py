@@ -4,6 +4,7 @@ Run:
     python -m compress sources                                   # list packaged source models
     python -m compress build --source smollm2-135m-instruct --recipe int8 --out artifacts/smollm2-int8
     python -m compress build --model-dir path/to/hf_model --recipe bf16 --out artifacts/my-bf16
+    python -m compress build --gguf path/to/model.gguf --recipe int8 --out artifacts/my-int8   # any local GGUF
     python -m compress eval artifacts/smollm2-int8               # perplexity, prefill/decode tok/s, size
     python -m compress inspect artifacts/smollm2-int8            # manifest: params, size, precision
     python -m compress hardware                                  # detected device and precision plan
@@ -40,10 +41,13 @@ def cmd_sources(a) -> None:
 
 def cmd_build(a) -> None:
     from .build import build
-    from .sources import ensure_hf_dir
+    from .sources import ensure_hf_dir, gguf_hf_dir
 
     if a.model_dir:
         model_dir, source = Path(a.model_dir), {"model_dir": str(Path(a.model_dir).resolve())}
+    elif a.gguf:
+        model_dir = gguf_hf_dir(a.gguf)
+        source = json.loads((model_dir / "source.json").read_text())
     else:
         model_dir = ensure_hf_dir(a.source)
         source = json.loads((model_dir / "source.json").read_text())
@@ -56,7 +60,8 @@ def cmd_build(a) -> None:
         recipe = ",".join(plan.recipe if s.strip() == "auto" else s for s in recipe.split(","))
         extra["hardware"] = opt.report()
         print(f"auto -> {plan.recipe}: " + "; ".join(plan.reasons))
-    out = Path(a.out or f"artifacts/{a.source or model_dir.name}-{recipe.replace(',', '-')}")
+    stem = a.source or (Path(a.gguf).stem if a.gguf else model_dir.name)
+    out = Path(a.out or f"artifacts/{stem}-{recipe.replace(',', '-')}")
     manifest = build(model_dir, out, recipe, source, force=a.force, extra=extra)
     print(f"wrote {out} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['n_params'] / 1e6:.1f}M params, "
           f"recipe {a.recipe})")
@@ -209,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     src = b.add_mutually_exclusive_group()
     src.add_argument("--source", help="packaged source model (see `sources`)")
     src.add_argument("--model-dir", help="a local Hugging Face model directory (safetensors)")
+    src.add_argument("--gguf", help="a local GGUF file (llama, mistral, qwen2, qwen3, phi3, gemma3); converted once, "
+                                    "cached by its sha256")
     b.add_argument("--recipe", default="none",
                    help="comma-separated steps, each optionally with parameters: none, fp16, bf16, int8, "
                         "int8-dynamic, prune(chunk_size=15,n_masks=500,mask_sparsity=0.5,top_k=20,modules=mlp,"
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(fn=cmd_inspect)
 
     a = p.parse_args(argv)
-    if a.cmd == "build" and not (a.source or a.model_dir):
+    if a.cmd == "build" and not (a.source or a.model_dir or a.gguf):
         a.source = "smollm2-135m-instruct"
     from .artifact import ArtifactError
     from .sources import SourceError

@@ -1,4 +1,5 @@
-"""Real source models shipped on PyPI as GGUF files, converted once to cached HF directories.
+"""Real source models shipped on PyPI as GGUF files, and any local GGUF file (`--gguf`),
+converted once to cached HF directories.
 
 No hub access: the GGUF is found inside site-packages, dequantized by transformers'
 GGUF loader (needs the `gguf` package), and saved with `save_pretrained` into
@@ -106,6 +107,57 @@ def ensure_hf_dir(name: str, progress: bool = True) -> Path:
     if (out / "source.json").is_file():
         return out
     gguf = locate_gguf(src)
+    return _convert(gguf, out, source_info(src, gguf), progress)
+
+
+# GGUF `general.architecture` values whose tensors transformers' GGUF loader reads and whose
+# model the engine serves (Mistral GGUFs say "llama")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Architecture, name and whether a chat template is present, from the GGUF header; a
+    missing, truncated or foreign file is a SourceError saying which."""
+    if not path.is_file():
+        raise SourceError(f"{path}: no such GGUF file")
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct/IndexError... on bad bytes
+        raise SourceError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from e
+
+    def text(key: str) -> str | None:
+        f = r.fields.get(key)
+        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace") if f is not None and f.data else None
+
+    arch = text("general.architecture")
+    if arch is None:
+        raise SourceError(f"{path}: GGUF file without general.architecture")
+    return {"architecture": arch, "name": text("general.name"),
+            "chat_template": "tokenizer.chat_template" in r.fields}
+
+
+def gguf_hf_dir(path: str | Path, progress: bool = True) -> Path:
+    """A local GGUF file (llama.cpp / Ollama / LM Studio) as a cached HF directory, keyed by
+    the file's sha256 so a changed file converts again and a renamed one does not."""
+    path = Path(path)
+    meta = gguf_metadata(path)
+    if meta["architecture"] not in GGUF_ARCHS:
+        raise SourceError(f"{path.name}: GGUF architecture {meta['architecture']!r} is not supported "
+                          f"(supported: {', '.join(GGUF_ARCHS)})")
+    sha = sha256_file(path)
+    out = cache_dir() / "sources" / f"gguf-{sha[:16]}"
+    if (out / "source.json").is_file():
+        return out
+    info = {"name": meta["name"] or path.stem, "gguf_file": path.name, "gguf_path": str(path.resolve()),
+            "gguf_sha256": sha, "architecture": meta["architecture"], "chat": meta["chat_template"]}
+    return _convert(path, out, info, progress)
+
+
+def _convert(gguf: Path, out: Path, info: dict, progress: bool) -> Path:
+    """Dequantize a GGUF with transformers into `out` (safetensors + tokenizer + chat template),
+    atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -113,19 +165,22 @@ def ensure_hf_dir(name: str, progress: bool = True) -> Path:
     if not progress:
         hf_logging.disable_progress_bar()
     print(f"converting {gguf} -> {out} (one-time)", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, NotImplementedError) as e:
+        raise SourceError(f"{gguf.name}: transformers cannot read this GGUF ({str(e).splitlines()[0][:160]})") from e
     # The weights are now plain dequantized fp32; drop the GGUF marker so the saved
     # directory loads as an ordinary checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps(source_info(src, gguf), indent=2))
+        (tmp / "source.json").write_text(json.dumps(info, indent=2))
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)

@@ -4,6 +4,7 @@ Run:
     python -m server                                    # default artifact (built on first run)
     python -m server --artifact artifacts/smollm2-135m-instruct-int8 --port 8000
     python -m server --artifact chat=artifacts/a --artifact base=artifacts/b --api-key KEY1 --api-key KEY2
+    python -m server --gguf ~/models/qwen2.5-0.5b-instruct-q8_0.gguf    # any local GGUF (built once, cached)
     python -m server --hybrid-default --hybrid-loops 2   # every chat request runs the hybrid loop
     python -m server --profile auto --battery-artifact artifacts/smollm2-135m-instruct-gptq
                                                         # on battery: gptq artifact, half the threads, 1 loop
@@ -43,6 +44,28 @@ def ensure_default_artifact() -> Path:
     return DEFAULT_ARTIFACT
 
 
+def ensure_gguf_artifact(gguf: str, recipe: str) -> str:
+    """`NAME=DIR` of the artifact built from a local GGUF file with `recipe`, cached by the file's
+    sha256 (a second start reuses it; a changed file builds again). NAME is the file's stem."""
+    from compress.artifact import sha256_file
+    from compress.sources import SourceError, cache_dir, gguf_metadata
+
+    path = Path(gguf)
+    try:
+        gguf_metadata(path)  # a missing, truncated or foreign file: one line, before hashing
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = cache_dir() / "artifacts" / f"gguf-{sha256_file(path)[:16]}-{recipe.replace(',', '-')}"
+    if not (out / "manifest.json").is_file():
+        from compress.__main__ import main as compress_main
+
+        rc = compress_main(["build", "--gguf", str(path), "--recipe", recipe, "--out", str(out), "--force"])
+        if rc:
+            sys.exit(rc)
+    return f"{path.stem}={out}"
+
+
 def _memory_model_path(arg: str | None) -> str | None:
     if arg is None:  # the shipped checkpoint, when this checkout has it
         return str(DEFAULT_MEMORY_MODEL) if (DEFAULT_MEMORY_MODEL / "config.json").is_file() else None
@@ -56,6 +79,10 @@ def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
     p.add_argument("--artifact", action="append", default=[], metavar="[NAME=]DIR",
                    help="artifact to serve (repeatable; the name defaults to the directory name)")
+    p.add_argument("--gguf", action="append", default=[], metavar="FILE",
+                   help="serve a local GGUF file (repeatable): built once into a cached artifact with "
+                        "--gguf-recipe, keyed by the file's sha256; the model name is the file's stem")
+    p.add_argument("--gguf-recipe", default=DEFAULT_RECIPE, help="compress recipe for --gguf (default int8)")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", action="append", default=[], help="accepted Bearer key (repeatable); "
@@ -130,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from compress.artifact import ArtifactError, read_manifest, verify
 
+    if a.gguf:
+        cfg.artifacts = [ensure_gguf_artifact(g, a.gguf_recipe) for g in a.gguf] + cfg.artifacts
     if not cfg.artifacts:
         cfg.artifacts = [str(ensure_default_artifact())]
     # Fail fast, before binding the port, on a missing or tampered artifact.

