@@ -20,11 +20,12 @@ PLAIN_TEMPLATE = (
 PLAIN_STOPS = ["\nUser:"]  # the model would otherwise write the user's next turn
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[str]]:
+def encode_chat(tokenizer, messages: list[dict], **template_vars) -> tuple[list[int], list[str]]:
     """(prompt ids, implicit stop strings) of a chat turn, the assistant's turn opened:
-    the tokenizer's own chat template, else the plain transcript above."""
+    the tokenizer's own chat template (given `template_vars`, e.g. Qwen3's enable_thinking),
+    else the plain transcript above."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_vars)
         # The template already writes BOS/special tokens where the model wants them.
         return tokenizer(text, add_special_tokens=False)["input_ids"], []
     text = tokenizer.apply_chat_template(messages, chat_template=PLAIN_TEMPLATE, add_generation_prompt=False,
@@ -72,9 +73,9 @@ class LoadedModel:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[str]]:
+    def encode_chat(self, messages: list[dict], **template_vars) -> tuple[list[int], list[str]]:
         """(prompt ids, implicit stop strings) for a chat request."""
-        return encode_chat(self.tokenizer, messages)
+        return encode_chat(self.tokenizer, messages, **template_vars)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):

@@ -37,6 +37,8 @@ class Reply:
     include_usage: bool = False  # streams: a last chunk with usage (stream_options.include_usage)
     stats: object = None  # the hybrid loop's HybridStats, once its Stats event came
     tool_streams: list | None = None  # a chat request with tools: a `tools.CallStream` per choice
+    think_streams: list | None = None  # a reasoning model's output: a `think.ThinkSplit` per choice
+    think_opened: bool = False  # the prompt itself opened the <think> block
     arrived: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=P.now)
 

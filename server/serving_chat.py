@@ -15,6 +15,7 @@ from . import wire
 from .errors import APIError
 from .hybrid import HybridParams, context_budget, hybrid_work
 from .serving_base import Collected, OpenAIServing, Reply, visible
+from .think import ThinkSplit, split, thinks
 from .tools import CallStream, ToolPlan, parse_calls, render_messages
 
 
@@ -29,12 +30,14 @@ class ChatServing(OpenAIServing):
         except P.ParamError as e:
             raise APIError(400, str(e), param=e.param) from e
         messages = render_messages(req.messages, plan)
+        thinking = thinks(getattr(lm.tokenizer, "chat_template", None))
+        no_think = thinking and req.reasoning_effort in ("none", "minimal")
         try:
-            prompt_ids, stops = lm.encode_chat(messages)
+            prompt_ids, stops = lm.encode_chat(messages, **({"enable_thinking": False} if no_think else {}))
         except TemplateError as e:  # e.g. a template that rejects this role order
             raise APIError(400, f"the model's chat template rejected these messages: {e}", param="messages") from e
         asked = ("tools", plan.grammar()) if plan is not None else self.grammar_spec(req)
-        hp = self.hybrid_params(req)
+        hp = self.hybrid_params(req, thinking)
         if hp is None:
             params = self.sampling_params(req, lm, len(prompt_ids), stops)
             self.constrain(params, lm, asked)
@@ -47,6 +50,9 @@ class ChatServing(OpenAIServing):
         r = self.reply(req, lm, len(prompt_ids), params.n)
         if plan is not None:
             r.tool_streams = [CallStream() for _ in range(params.n)]
+        if thinking and hp is None:
+            r.think_opened = lm.tokenizer.decode(prompt_ids[-3:]).rstrip().endswith("<think>")
+            r.think_streams = [ThinkSplit(r.think_opened) for _ in range(params.n)]
         job = self.submit(lm, work)
         if req.stream:
             head = [self._chunk(r, [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
@@ -57,12 +63,13 @@ class ChatServing(OpenAIServing):
 
     # ---- the hybrid loop ------------------------------------------------------------------
 
-    def hybrid_params(self, req: P.ChatCompletionRequest) -> HybridParams | None:
-        """The request's hybrid settings (server defaults filled in), or None for direct generation."""
+    def hybrid_params(self, req: P.ChatCompletionRequest, thinking: bool = False) -> HybridParams | None:
+        """The request's hybrid settings (server defaults filled in), or None for direct generation.
+        On a reasoning model (`thinking`) reasoning_effort sets its own thinking, not the loop."""
         c, h = self.ctx.cfg, req.hybrid
         if h is not None:
             on = h.enabled
-        elif req.reasoning_effort is not None:
+        elif req.reasoning_effort is not None and not thinking:
             on = P.REASONING_EFFORT_LOOPS[req.reasoning_effort] > 0
         else:
             on = c.hybrid_default
@@ -137,22 +144,32 @@ class ChatServing(OpenAIServing):
         """A delta's chunk choice; with tools, its text goes through the choice's CallStream
         (held back while it may start a call, whole calls as tool_calls deltas)."""
         lp = P.ChoiceLogprobs(content=[wire.logprob_entry(d.logprob)]) if d.logprob is not None else None
-        text, calls, finish = d.text, None, d.finish_reason
+        text, calls, finish, reasoning = d.text, None, d.finish_reason, ""
+        if r.think_streams is not None:
+            ts = r.think_streams[d.index]
+            reasoning, text = ts.feed(text)
+            if finish is not None:
+                more_r, more_t = ts.close()
+                reasoning, text = reasoning + more_r, text + more_t
         if r.tool_streams is not None:
             cs = r.tool_streams[d.index]
-            text, calls = cs.feed(d.text)
+            text, calls = cs.feed(text)
             if finish is not None:
                 text += cs.close()
                 finish = "tool_calls" if cs.n_calls and finish == "stop" else finish
-            if not text and not calls and finish is None and lp is None:
-                return None
-        return P.ChatChunkChoice(index=d.index, delta=P.DeltaMessage(content=text or None, tool_calls=calls or None),
-                                 finish_reason=finish, logprobs=lp)
+        if not text and not calls and not reasoning and finish is None and lp is None:
+            return None
+        return P.ChatChunkChoice(index=d.index, delta=P.DeltaMessage(
+            content=text or None, tool_calls=calls or None, reasoning_content=reasoning or None,
+            reasoning=reasoning or None), finish_reason=finish, logprobs=lp)
 
     def _body(self, c: Collected, r: Reply, want_lp: bool) -> P.ChatCompletionResponse:
         reasoning = c.reasoning or None
         choices = []
         for i, (t, f) in enumerate(zip(c.texts, c.finish)):
+            if r.think_streams is not None:  # a reasoning model's own <think> block
+                own, t = split(t, r.think_opened)
+                reasoning = own or None
             msg = P.ResponseMessage(content=t, reasoning_content=reasoning, reasoning=reasoning)
             calls = parse_calls(t) if r.tool_streams is not None else None
             if calls:
