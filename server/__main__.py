@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None = None):
                         "from `python -m compress export-onnx`)")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="request body limit (413 above)")
     p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     h = p.add_argument_group("hybrid loop")
     h.add_argument("--memory-model", default=None,
                    help="memory-model checkpoint for the hybrid loop (default: the shipped one; "
@@ -142,7 +143,7 @@ def parse_args(argv: list[str] | None = None):
                            prefix_cache_mb=a.prefix_cache_mb,
                            max_tokens_default=a.max_tokens_default, threads=a.threads,
                            max_kv_cache_mb=a.max_kv_cache_mb,
-                           verify_checksums=not a.no_verify, max_body_mb=a.max_body_mb,
+                           verify_checksums=not a.no_verify, ui=not a.no_ui, max_body_mb=a.max_body_mb,
                            memory_model=_memory_model_path(a.memory_model),
                            hybrid_default=a.hybrid_default, hybrid_loops=a.hybrid_loops,
                            hybrid_cot_groups=a.hybrid_cot_groups, hybrid_cot_group_tokens=a.hybrid_cot_group_tokens,

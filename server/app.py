@@ -10,11 +10,13 @@ import hmac
 import logging
 import threading
 import time
+from pathlib import Path
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +31,11 @@ from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
 
 log = logging.getLogger("server")
+STATIC = Path(__file__).resolve().parent / "static"
+# The page fetches nothing but this server: scripts, styles and API calls from the same origin.
+UI_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'; "
+                                         "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+              "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 class AppState:
@@ -169,5 +176,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def completions(req: P.CompletionRequest, request: Request):
         serving()  # 503 while loading
         return await state.completion.create(req, request)
+
+    if cfg.ui:  # the page itself needs no key; its API calls send the one typed into it
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(STATIC / "index.html", headers=UI_HEADERS)
+
+        app.mount("/ui", StaticFiles(directory=STATIC), name="ui")
 
     return app

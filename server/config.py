@@ -23,6 +23,7 @@ class ServerConfig:
     verify_checksums: bool = True  # refuse artifacts whose files don't match the manifest
     retry_after_s: int = 2  # Retry-After sent with 429 / 503
     max_body_mb: float = 4.0  # larger request bodies get 413 before parsing
+    ui: bool = True  # the chat page at / (server/static); --no-ui turns it off
     # the hybrid loop
     memory_model: str | None = None  # memory-model checkpoint directory; None = hybrid unavailable
     hybrid_default: bool = False  # run the hybrid loop for requests that do not ask either way

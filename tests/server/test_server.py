@@ -296,3 +296,19 @@ def test_sse_event_stays_one_line_whatever_the_model_writes():
     event = sse(chunk, include_usage=False)
     line = event.removesuffix("\n\n")
     assert line.splitlines() == [line] and json.loads(line[6:])["choices"][0]["text"] == text
+
+
+def test_chat_page_is_served_self_contained_and_can_be_turned_off(live, llama_artifact):
+    from server.config import ServerConfig
+
+    r = httpx.get(live.url + "/")
+    assert r.status_code == 200 and "<title>hybrid-llm chat</title>" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert "http" not in r.text.replace("http-equiv", "")  # nothing from outside this server
+    js = httpx.get(live.url + "/ui/app.js")
+    assert js.status_code == 200 and "/v1/chat/completions" in js.text
+    off = LiveServer(ServerConfig(artifacts=[f"tiny-chat={llama_artifact}"], ui=False)).wait()
+    try:
+        assert httpx.get(off.url + "/").status_code == 404
+    finally:
+        off.close()
