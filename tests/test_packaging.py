@@ -1,5 +1,6 @@
-"""The Dockerfile cannot be built here (no Docker engine): it is linted with hadolint and
-checked against the Makefile, pyproject and server defaults it must agree with."""
+"""The Dockerfile, without a Docker daemon: linted with hadolint and checked against the
+Makefile, pyproject and server defaults it must agree with. (Building and running it is
+`make docker` / `make docker-smoke`, which need a daemon: README "Docker".)"""
 
 import re
 import shutil
