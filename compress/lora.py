@@ -40,7 +40,7 @@ from .chai import hf_chai_model
 from .select import layer_set
 from .sensitivity import layer_sensitivity, select_layers
 from .step import RecipeError, Step
-from .task_data import TASKS, collate, task_examples
+from .task_data import TASKS, collate, task_examples, whole_sentences
 from .wanda import pruned_mask
 
 TARGET_GROUPS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
@@ -132,8 +132,9 @@ class LoRAStep(Step):
             raise RecipeError("lora: r, steps and batch must be >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise RecipeError("lora: precision must be auto, bf16 or fp32")
-        if self.data != "calibration" and self.data not in TASKS:
-            raise RecipeError(f"lora: data must be calibration or one of {', '.join(TASKS)}; got {self.data!r}")
+        if self.data != "calibration" and not all(p in TASKS for p in self.data.split("+")):
+            raise RecipeError(f"lora: data must be calibration or one or more of {', '.join(TASKS)} joined "
+                              f"by '+'; got {self.data!r}")
         if not 0 <= self.kd <= 1 or not 0 <= self.dropout < 1:
             raise RecipeError("lora: kd must be in [0, 1] and dropout in [0, 1)")
         if any(naming.is_scale(k) or naming.is_gptq_weight(k) or naming.is_lowrank(k) or naming.is_adapter(k)
@@ -161,7 +162,7 @@ class LoRAStep(Step):
 
             teacher = AutoModelForCausalLM.from_pretrained(str(ctx["model_dir"]), dtype=torch.float32,
                                                             use_safetensors=True).eval()
-        batches = self._batches(ctx)
+        batches = self._batches(ctx, model)  # before training: chat-replay replies are the model's own
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         model.train()
@@ -201,7 +202,7 @@ class LoRAStep(Step):
                       "trainable_params": sum(p.numel() for p in params)}
         return state
 
-    def _batches(self, ctx) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _batches(self, ctx, model) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """step -> (ids, attention mask, labels): calibration windows (loss everywhere), or a
         task's supervised examples (loss on the replies), cycled in a seeded order."""
         if self.data == "calibration":
@@ -214,7 +215,7 @@ class LoRAStep(Step):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
-        examples, skipped = task_examples(tok, self.data)
+        examples, skipped = task_examples(tok, self.data, lambda prompts: own_replies(model, tok, prompts))
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.stats = {**self.stats, "examples": len(examples), "skipped": skipped,
@@ -256,3 +257,24 @@ class LoRAStep(Step):
         else:
             self.stats = {"merged": False}
         return state
+
+
+@torch.no_grad()
+def own_replies(model, tok, prompts: list[str], max_new: int = 96, batch: int = 16) -> list[str | None]:
+    """The model's greedy replies to chat prompts, as served (engine.runner.encode_chat), cut to
+    whole sentences. peft initialises B = 0, so before training this is the base model."""
+    from engine.runner import encode_chat
+
+    model.eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(prompts), batch):
+        rows = [encode_chat(tok, [{"role": "user", "content": p}])[0] for p in prompts[i:i + batch]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=pad)
+        out += [whole_sentences(tok.decode(g[width:], skip_special_tokens=True)) for g in gen]
+    model.train()
+    return out

@@ -1,19 +1,23 @@
 """Supervised examples for task fine-tuning (`lora(data=svamp-train)`): each problem's
 chain-of-thought target (tasks.cot) as the reply to the CoT prompt the hybrid loop and the
 evaluation send, formatted by the served chat template (engine.runner.encode_reply), with
-the loss on the reply only."""
+the loss on the reply only. `chat-replay` adds general chat prompts (tasks.chat_prompts)
+answered by the model itself before tuning, so that task-tuning does not overwrite how it
+answers everything else; parts combine with '+' (`data=svamp-train+chat-replay`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.runner import encode_reply
+from tasks.chat_prompts import chat_prompts
 from tasks.cot import cot_prompt, cot_target
 from tasks.data import DataError, load
 
-TASKS = ("svamp-train",)  # training splits only: svamp-dev and GSM8K are never trained on
+TASKS = ("svamp-train", "chat-replay")  # training data only: svamp-dev and GSM8K are never trained on
 
 
 @dataclass
@@ -22,12 +26,22 @@ class Example:
     n_prompt: int  # loss starts after these
 
 
-def task_examples(tokenizer, name: str) -> tuple[list[Example], int]:
-    """(examples, rows skipped because their equation disagrees with their answer)."""
-    if name not in TASKS:
-        raise DataError(f"task data {name!r} cannot be trained on; use one of {', '.join(TASKS)}")
+def task_examples(tokenizer, name: str, reply: Callable[[list[str]], list[str | None]] | None = None
+                  ) -> tuple[list[Example], int]:
+    """(examples, rows skipped: equations that disagree with their answer, or replay replies
+    with no complete sentence). `reply` answers chat prompts with the model as it is now."""
     out, skipped = [], 0
-    for p in load(name):
+    for part in name.split("+"):
+        if part not in TASKS:
+            raise DataError(f"task data {part!r} cannot be trained on; use one of {', '.join(TASKS)}")
+        rows, bad = _replay(tokenizer, reply) if part == "chat-replay" else _svamp(tokenizer)
+        out, skipped = out + rows, skipped + bad
+    return out, skipped
+
+
+def _svamp(tokenizer) -> tuple[list[Example], int]:
+    out, skipped = [], 0
+    for p in load("svamp-train"):
         try:
             target = cot_target(p.equation, p.answer)
         except ValueError:
@@ -36,6 +50,27 @@ def task_examples(tokenizer, name: str) -> tuple[list[Example], int]:
         prompt, reply = encode_reply(tokenizer, [{"role": "user", "content": cot_prompt(p.question)}], target)
         out.append(Example(prompt + reply, len(prompt)))
     return out, skipped
+
+
+def _replay(tokenizer, reply) -> tuple[list[Example], int]:
+    if reply is None:
+        raise DataError("chat-replay needs the model's own replies (only the lora step can make them)")
+    prompts = chat_prompts()
+    out, skipped = [], 0
+    for question, answer in zip(prompts, reply(prompts)):
+        if not answer:
+            skipped += 1
+            continue
+        prompt, ids = encode_reply(tokenizer, [{"role": "user", "content": question}], answer)
+        out.append(Example(prompt + ids, len(prompt)))
+    return out, skipped
+
+
+def whole_sentences(text: str) -> str | None:
+    """The text up to its last full sentence (a reply cut by the token budget must not teach
+    the model to stop mid-sentence); None if there is none."""
+    end = max(text.rfind(c) for c in ".!?")
+    return text[:end + 1].strip() if end > 0 else None
 
 
 def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

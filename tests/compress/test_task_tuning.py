@@ -47,5 +47,37 @@ def test_task_tuning_lowers_the_reply_loss_and_records_the_data(llama_dir, tmp_p
 
 @pytest.mark.parametrize("data", ["svamp-dev", "gsm8k", "nonsense"])
 def test_evaluation_data_is_never_trained_on(llama_dir, tmp_path, data):
-    with pytest.raises(RecipeError, match="data must be calibration or one of svamp-train"):
+    with pytest.raises(RecipeError, match="data must be calibration or one or more of svamp-train"):
         build_artifact(llama_dir, tmp_path / "a", f"lora(data={data},steps=1)")
+
+
+def test_chat_replay_answers_general_prompts_with_the_model_itself():
+    from compress.task_data import whole_sentences
+    from tasks.chat_prompts import chat_prompts
+
+    tok = make_tokenizer()
+    prompts = chat_prompts()
+    assert len(prompts) == len(set(prompts)) == 300
+    assert not any(w in p.lower() for p in prompts for w in ("capital", "continent", "currency", "country"))
+    seen = []
+
+    def reply(ps):
+        seen.extend(ps)
+        return ["It is useful. More" if i % 2 else None for i in range(len(ps))]
+
+    examples, skipped = task_examples(tok, "svamp-train+chat-replay", reply)
+    assert seen == prompts and skipped == 1 + 150 and len(examples) == 699 + 150
+    last = examples[-1]
+    assert tok.decode(last.ids[last.n_prompt:]) == "It is useful. More<|im_end|>\n"
+    assert whole_sentences("Bees make honey. They also") == "Bees make honey."
+    assert whole_sentences("no end at all") is None
+    with pytest.raises(Exception, match="needs the model's own replies"):
+        task_examples(tok, "chat-replay")
+
+
+def test_chat_replay_trains_through_the_lora_step(llama_dir, tmp_path):
+    import json
+
+    art = build_artifact(llama_dir, tmp_path / "a", "lora(data=svamp-train+chat-replay,steps=2,batch=2)")
+    step = json.loads((art / "manifest.json").read_text())["steps"][0]["result"]
+    assert step["data"] == "svamp-train+chat-replay" and step["examples"] + step["skipped"] == 700 + 300
