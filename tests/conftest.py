@@ -47,9 +47,7 @@ def live(llama_artifact, gemma_artifact):
 
 @pytest.fixture
 def client(live):
-    from openai import OpenAI
-
-    return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return live.client()
 
 
 @pytest.fixture(scope="session")

@@ -47,3 +47,9 @@ class LiveServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+    def client(self, timeout: float = 60.0, api_key: str = "unused"):
+        """The official `openai` client pointed at this server (no retries: tests see every error)."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)

@@ -48,9 +48,7 @@ def srv(llama_artifact):
 
 @pytest.fixture
 def oai(srv):
-    from openai import OpenAI
-
-    return OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return srv.client(timeout=120)
 
 
 def _fmt(name: str) -> dict:

@@ -54,9 +54,7 @@ def srv(tmp_path_factory):
 
 @pytest.fixture
 def oai(srv):
-    from openai import OpenAI
-
-    return OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return srv.client(timeout=60)
 
 
 SCRIPT = {"guided_regex": "<think>[a-z]{3}</think>\n\nok"}
