@@ -112,7 +112,7 @@ def ensure_hf_dir(name: str, progress: bool = True) -> Path:
 
 # GGUF `general.architecture` values whose tensors transformers' GGUF loader reads and whose
 # model the engine serves (Mistral GGUFs say "llama")
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -134,8 +134,13 @@ def gguf_metadata(path: Path) -> dict:
     arch = text("general.architecture")
     if arch is None:
         raise SourceError(f"{path}: GGUF file without general.architecture")
+    def number(key: str) -> int | None:
+        f = r.fields.get(f"{arch}.{key}")
+        return int(f.parts[f.data[0]][0]) if f is not None and f.data else None
+
     return {"architecture": arch, "name": text("general.name"),
-            "chat_template": "tokenizer.chat_template" in r.fields}
+            "chat_template": "tokenizer.chat_template" in r.fields,
+            "head_dim": number("attention.key_length"), "sliding_window": number("attention.sliding_window")}
 
 
 def gguf_hf_dir(path: str | Path, progress: bool = True) -> Path:
@@ -152,12 +157,16 @@ def gguf_hf_dir(path: str | Path, progress: bool = True) -> Path:
         return out
     info = {"name": meta["name"] or path.stem, "gguf_file": path.name, "gguf_path": str(path.resolve()),
             "gguf_sha256": sha, "architecture": meta["architecture"], "chat": meta["chat_template"]}
-    return _convert(path, out, info, progress)
+    # transformers' GGUF config mapping ignores attention.key_length (Qwen3 then gets its default
+    # head_dim of 128) and attention.sliding_window (Phi-3's window would be lost): pass them on
+    overrides = {k: meta[k] for k in ("head_dim", "sliding_window") if meta[k]}
+    return _convert(path, out, info, progress, overrides)
 
 
-def _convert(gguf: Path, out: Path, info: dict, progress: bool) -> Path:
+def _convert(gguf: Path, out: Path, info: dict, progress: bool, overrides: dict | None = None) -> Path:
     """Dequantize a GGUF with transformers into `out` (safetensors + tokenizer + chat template),
-    atomically."""
+    atomically; a tensor that does not fit the config transformers made is an error, not a
+    silently re-initialised weight."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -167,9 +176,16 @@ def _convert(gguf: Path, out: Path, info: dict, progress: bool) -> Path:
     print(f"converting {gguf} -> {out} (one-time)", flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, OSError, NotImplementedError) as e:
+        model, loading = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              dtype=torch.float32, output_loading_info=True,
+                                                              **(overrides or {}))
+    except (ValueError, KeyError, OSError, NotImplementedError, AssertionError, RuntimeError) as e:
         raise SourceError(f"{gguf.name}: transformers cannot read this GGUF ({str(e).splitlines()[0][:160]})") from e
+    bad = list(loading.get("mismatched_keys") or []) + list(loading.get("unexpected_keys") or []) + \
+        [k for k in loading.get("missing_keys") or [] if k != "lm_head.weight"]
+    if bad:
+        raise SourceError(f"{gguf.name}: {len(bad)} tensors do not fit the model transformers built from its "
+                          f"metadata (first: {bad[0]})")
     # The weights are now plain dequantized fp32; drop the GGUF marker so the saved
     # directory loads as an ordinary checkpoint.
     model.hf_quantizer = None

@@ -141,3 +141,71 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# GGUF architecture name and gguf-package enum for the HF model types the tests write as GGUF;
+# llama.cpp's converter permutes Llama's q/k rows (for its RoPE layout), transformers undoes it.
+GGUF_WRITE = {"llama": ("llama", "LLAMA", True), "qwen2": ("qwen2", "QWEN2", False),
+              "qwen3": ("qwen3", "QWEN3", False), "phi3": ("phi3", "PHI3", False)}
+
+
+def _llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf_dir: Path, out: Path) -> Path:
+    """An HF directory (tiny model + byte-level BPE tokenizer) as an f32 GGUF file, written with
+    the gguf package the way llama.cpp's converter names and lays out the tensors."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    arch, enum, permute = GGUF_WRITE[cfg["model_type"]]
+    n_layers, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = cfg.get("rope_parameters") or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
+    if cfg.get("head_dim"):
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    special = set(tok.all_special_ids)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for _, i in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, enum), n_layers)
+    for name, t in load_file(str(hf_dir / "model.safetensors")).items():
+        base, suffix = name.rsplit(".", 1)
+        if permute and base.endswith("q_proj"):
+            t = _llama_permute(t, n_head)
+        elif permute and base.endswith("k_proj"):
+            t = _llama_permute(t, n_kv)
+        w.add_tensor(f"{names.get_name(base)}.{suffix}", t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -31,10 +31,13 @@ def _configs():
     }
 
 
-def _hf_model(name: str, path):
+def _hf_model(name: str, path, **overrides):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_configs()[name]).eval()
+    cfg = _configs()[name]
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # biases and norms random too: HF initialises them to 0 / 1
         for p in model.parameters():
             p.normal_(0, 0.3 if p.dim() == 2 else 0.5)
