@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-eval serve-reasoning docker docker-smoke
+.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-model-replay reasoning-eval serve-reasoning docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -78,6 +78,19 @@ reasoning-eval: reasoning-model
 	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft \
 		--data svamp-dev --data gsm8k:100 --loops 3 --groups 1 --group-tokens 24 --condense-tokens 64 \
 		--answer-tokens 12 --json results/reasoning_eval_svamp_int8.json
+
+# The chat-replay variant measured in README "Reasoning on real problems" (about 1 hour on 2 cores)
+REPLAY ?= artifacts/smollm2-135m-svamp-replay-int8
+reasoning-model-replay: setup
+	test -f artifacts/smollm2-135m-svamp-replay-f32/manifest.json || $(BIN)/python -m compress build \
+		--source smollm2-135m-instruct --out artifacts/smollm2-135m-svamp-replay-f32 \
+		--recipe "lora(data=svamp-train+chat-replay,steps=375,batch=8,r=16,alpha=32,targets=all,lr=1e-3,dropout=0.05)"
+	test -f $(REPLAY)/manifest.json || $(BIN)/python -m compress build \
+		--model-dir artifacts/smollm2-135m-svamp-replay-f32 --recipe int8 --out $(REPLAY)
+	$(BIN)/python -m compress eval $(REPLAY) --qa --qa-n 50 --threads 2 --no-save
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REPLAY) --data svamp-dev --limit 150 --only direct \
+		--only full --loops 3 --groups 1 --group-tokens 24 --condense-tokens 64 --answer-tokens 12 \
+		--json results/reasoning_eval_replay_int8.json
 
 serve-reasoning: reasoning-model
 	$(BIN)/python -m server --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft --port $(PORT)
