@@ -12,6 +12,9 @@ context and slot count (`--max-num-seqs` = `-np`); `python -m clients.bench` run
 at every concurrency (128 tokens in, 64 out, ignore_eos, greedy), then a multi-turn case:
 time to first token of a ~1k-token conversation's first and second turn (prefix caching on
 in both). Prints the ratio table and writes JSON (+ PNG with --plot).
+
+    python benchmarks/vs_llamacpp.py --engine-only --source gemma3-270m --artifact artifacts/gemma3-270m-int8 \
+        --out results/vs_llamacpp_gemma_engine.json     # engines alone, batch 1 (llama-bench)
 """
 
 from __future__ import annotations
@@ -182,6 +185,33 @@ def ratio_table(ours: dict, peer: dict, concurrency: list[int], turns: dict) -> 
     return "\n".join(rows)
 
 
+def engine_only(bench_exe: str, gguf: Path, artifact: str, threads: int, out: Path) -> int:
+    """The engines alone, batch 1 (the issue's Gemma target): llama-bench pp128 / tg64 on the
+    GGUF vs our engine's prefill of 128 tokens / 64 greedy decode steps on the artifact, same
+    threads, one after the other."""
+    import torch
+
+    from compress.evaluate import latency
+    from engine.artifact import load_engine_model
+
+    r = subprocess.run([bench_exe, "-m", str(gguf), "-t", str(threads), "-p", "128", "-n", "64", "-r", "3",
+                        "-o", "json"], capture_output=True, text=True, check=True)
+    rows = json.loads(r.stdout)
+    peer = {("prefill" if row["n_prompt"] else "decode"): row["avg_ts"] for row in rows}
+    torch.set_num_threads(threads)
+    model, _ = load_engine_model(Path(artifact), max_len=256)
+    prompt = torch.randint(10, model.args.vocab_size - 10, (128,), generator=torch.Generator().manual_seed(0))
+    ours = latency(model, prompt.tolist(), 64, 3)
+    ours = {"prefill": ours["prefill_tok_s"], "decode": ours["decode_tok_s"]}
+    table = "\n".join(["| engine alone, batch 1 | ours | llama.cpp | ours / llama.cpp |", "|---|---:|---:|---:|"] + [
+        f"| {k} tok/s ({'128-token prompt' if k == 'prefill' else '64 tokens'}) | {ours[k]:.1f} | {peer[k]:.1f} | "
+        f"{ours[k] / peer[k]:.2f}x |" for k in ("prefill", "decode")])
+    print(table)
+    write_json({"artifact": artifact, "gguf": str(gguf), "threads": threads, "ours": ours, "llama.cpp": peer,
+                "table": table}, out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", default="artifacts/smollm2-135m-instruct-int8")
@@ -197,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "vs_llamacpp.json")
     p.add_argument("--plot", type=Path)
     p.add_argument("--table-only", action="store_true", help="reprint the ratio table of an earlier --out file")
+    p.add_argument("--engine-only", action="store_true",
+                   help="no servers: llama-bench vs our engine's batch-1 prefill/decode (e.g. Gemma-3-270M)")
     a = p.parse_args(argv)
     conc = [int(x) for x in a.concurrency.split(",")]
     if a.table_only:
@@ -204,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(ratio_table(old["bench"]["ours"], old["bench"]["llama.cpp"], conc, old["multi_turn"]))
         return 0
     cache = cache_dir() / "llama.cpp"
-    server_exe, _, src = llamacpp_bins(cache)
+    server_exe, bench_exe, src = llamacpp_bins(cache)
     gguf = a.gguf or convert_gguf(src, ensure_hf_dir(a.source), cache / f"{a.source}-{a.outtype}.gguf", a.outtype)
+    if a.engine_only:
+        return engine_only(bench_exe, gguf, a.artifact, a.threads, a.out)
     if a.build_only:
         print(f"llama-server: {server_exe}\ngguf: {gguf}")
         return 0
