@@ -116,8 +116,9 @@ GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 
 def gguf_metadata(path: Path) -> dict:
-    """Architecture, name and whether a chat template is present, from the GGUF header; a
-    missing, truncated or foreign file is a SourceError saying which."""
+    """Architecture, name, whether a chat template is present, and the head size and sliding
+    window when the header states them; a missing, truncated or foreign file is a SourceError
+    saying which."""
     if not path.is_file():
         raise SourceError(f"{path}: no such GGUF file")
     from gguf import GGUFReader
@@ -134,6 +135,7 @@ def gguf_metadata(path: Path) -> dict:
     arch = text("general.architecture")
     if arch is None:
         raise SourceError(f"{path}: GGUF file without general.architecture")
+
     def number(key: str) -> int | None:
         f = r.fields.get(f"{arch}.{key}")
         return int(f.parts[f.data[0]][0]) if f is not None and f.data else None

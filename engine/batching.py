@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import SamplingParams, StepOutput, constrained_sample, make_generator, token_logprobs
+from .generate import SamplingParams, StepOutput, constrained_sample, make_generator, row_end, token_logprobs
 from .grammar import RowGrammars
 from .kv_cache import SlotKVCache
 from .prefix_cache import PrefixCache
@@ -220,10 +220,10 @@ class BatchEngine:
                          [False] * n if seq.grammars is not None else None)
         for j, (i, t) in enumerate(zip(rows, tok.tolist())):
             out.tokens[i], out.active[i] = t, True
-            out.eos[i] = t in seq.eos_ids and (not p.ignore_eos or ended[j])  # a finished grammar ends even then
+            out.eos[i], grammar_end = row_end(t, ended[j], seq.eos_ids, p.ignore_eos)
             if out.ended is not None:
-                out.ended[i] = ended[j] and not out.eos[i]
-            seq.finished[i] = seq.finished[i] or out.eos[i] or ended[j]
+                out.ended[i] = grammar_end
+            seq.finished[i] = seq.finished[i] or out.eos[i] or grammar_end
             seq.last[i] = t
             seq.out[i].append(t)
             if lps is not None:

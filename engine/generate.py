@@ -47,6 +47,14 @@ class StepOutput:
     ended: list[bool] | None = None
 
 
+def row_end(token: int, grammar_ended: bool, eos_ids: set[int], ignore_eos: bool) -> tuple[bool, bool]:
+    """(eos, ended) for a sampled token: EOS finishes the row unless ignore_eos, but a grammar
+    whose document is complete ends it even then; `ended` is left only for a non-EOS token
+    that completed the grammar (its text counts)."""
+    eos = token in eos_ids and (not ignore_eos or grammar_ended)
+    return eos, grammar_ended and not eos
+
+
 def constrained_sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator,
                        grammars: RowGrammars | None, rows: list[int]) -> tuple[torch.Tensor, list[bool]]:
     """Sample `rows` (logits (len(rows), V)) within their grammars, if any; (tokens, per row:
@@ -127,8 +135,9 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams, 
         toks, ended = [0] * n, [False] * n
         for j, i in enumerate(live):
             toks[i], ended[i] = int(tok[j]), ended_live[j]
-        eos = [a and t in eos_ids and (not params.ignore_eos or e) for a, t, e in zip(active, toks, ended)]
-        ended = [e and not x for e, x in zip(ended, eos)]
+        eos = [False] * n
+        for i in live:
+            eos[i], ended[i] = row_end(toks[i], ended[i], eos_ids, params.ignore_eos)
         for i in range(n):
             finished[i] = finished[i] or eos[i] or ended[i]
         full = torch.tensor(toks, device=logits.device)

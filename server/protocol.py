@@ -179,7 +179,7 @@ class SamplingRequest(BaseModel):
                              asked[-1] if asked else "response_format")
         if rf is not None:
             schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
-            return "response_format", GrammarSpec("json", schema if schema is not None else None)
+            return "response_format", GrammarSpec("json", schema)
         if self.guided_json is not None:
             return "guided_json", GrammarSpec("json", _json_value(self.guided_json))
         if self.guided_regex is not None:

@@ -38,7 +38,6 @@ class Reply:
     stats: object = None  # the hybrid loop's HybridStats, once its Stats event came
     tool_streams: list | None = None  # a chat request with tools: a `tools.CallStream` per choice
     think_streams: list | None = None  # a reasoning model's output: a `think.ThinkSplit` per choice
-    think_opened: bool = False  # the prompt itself opened the <think> block
     arrived: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=P.now)
 

@@ -51,8 +51,8 @@ class ChatServing(OpenAIServing):
         if plan is not None:
             r.tool_streams = [CallStream() for _ in range(params.n)]
         if thinking and hp is None:
-            r.think_opened = lm.tokenizer.decode(prompt_ids[-3:]).rstrip().endswith("<think>")
-            r.think_streams = [ThinkSplit(r.think_opened) for _ in range(params.n)]
+            opened = lm.tokenizer.decode(prompt_ids[-3:]).rstrip().endswith("<think>")  # the template opened it
+            r.think_streams = [ThinkSplit(opened) for _ in range(params.n)]
         job = self.submit(lm, work)
         if req.stream:
             head = [self._chunk(r, [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
@@ -141,8 +141,9 @@ class ChatServing(OpenAIServing):
 
     @staticmethod
     def _chunk_choice(d, r: Reply) -> P.ChatChunkChoice | None:
-        """A delta's chunk choice; with tools, its text goes through the choice's CallStream
-        (held back while it may start a call, whole calls as tool_calls deltas)."""
+        """A delta's chunk choice. A reasoning model's text first goes through the choice's
+        ThinkSplit (<think> text as reasoning), then, with tools, through its CallStream (held
+        back while it may start a call, whole calls as tool_calls deltas)."""
         lp = P.ChoiceLogprobs(content=[wire.logprob_entry(d.logprob)]) if d.logprob is not None else None
         text, calls, finish, reasoning = d.text, None, d.finish_reason, ""
         if r.think_streams is not None:
@@ -168,7 +169,7 @@ class ChatServing(OpenAIServing):
         choices = []
         for i, (t, f) in enumerate(zip(c.texts, c.finish)):
             if r.think_streams is not None:  # a reasoning model's own <think> block
-                own, t = split(t, r.think_opened)
+                own, t = split(t, r.think_streams[i].opened)
                 reasoning = own or None
             msg = P.ResponseMessage(content=t, reasoning_content=reasoning, reasoning=reasoning)
             calls = parse_calls(t) if r.tool_streams is not None else None

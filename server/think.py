@@ -20,6 +20,7 @@ class ThinkSplit:
 
     def __init__(self, opened: bool = False):
         self.buf = ""
+        self.opened = opened
         self.mode = "think" if opened else None  # None: undecided, "think", "after" (</think> seen), "content"
 
     def feed(self, text: str) -> tuple[str, str]:
