@@ -37,6 +37,8 @@ from engine.sampling import sample
 from memory_model.condense import MemoryModel
 from memory_model.large import answer_messages, cot_messages
 
+from .think import CLOSE, OPEN, thinks
+
 
 @dataclass
 class HybridParams:
@@ -173,6 +175,7 @@ class _Request:
     gen: torch.Generator
     cancel: threading.Event
     on_tokens: Callable[[int], None]
+    thinking: bool = False  # a reasoning model (its template writes <think>): see _answer_stage
 
     def say(self, text: str) -> Iterator[Event]:
         if self.hp.return_reasoning and text:
@@ -215,13 +218,22 @@ def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | str]:
     st.large.completion_tokens += n_cot
     st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n_cot)
     st.seconds["cot"] += time.perf_counter() - t0
-    yield cot_text + tail
+    yield plain_cot(cot_text + tail)
+
+
+def plain_cot(text: str) -> str:
+    """The chain-of-thought the memory model reads: a reasoning model's <think> tags removed
+    (its thinking is the CoT; the tags are markup the memory model never saw in training)."""
+    return text.replace(OPEN, "").replace(CLOSE, "")
 
 
 def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event]:
     """The large model answers from P: TokenStep events, the last with its finish reason."""
     t0, sp, lm = time.perf_counter(), r.sp, r.lm
-    ids, extra_stops = lm.encode_chat(r.history + answer_messages(p))
+    # A reasoning model answers without thinking again: the loop has done its thinking, and a
+    # second <think> block would spend the answer's tokens (Qwen3's switch, enable_thinking=False).
+    ids, extra_stops = lm.encode_chat(r.history + answer_messages(p), **({"enable_thinking": False} if r.thinking
+                                                                          else {}))
     r.stats.final_prompt_tokens = len(lm.tokenizer(p, add_special_tokens=False)["input_ids"])
     if r.hp.answer_prefix:  # the model continues the prefix, as the memory model's reward assumed
         ids = ids + lm.tokenizer(r.hp.answer_prefix, add_special_tokens=False)["input_ids"]
@@ -264,7 +276,7 @@ def hybrid_work(lm: LoadedModel, mm: MemoryModel | None, messages: list[dict], h
     def work(cancel: threading.Event) -> Iterator[Event]:
         st = HybridStats()
         r = _Request(lm, hp, sp, messages[:-1], st, PrefixKV(lm.model, capacity, st.large),
-                     make_generator(sp.seed), cancel, on_tokens)
+                     make_generator(sp.seed), cancel, on_tokens, thinks(getattr(lm.tokenizer, "chat_template", None)))
         p = messages[-1]["content"]
         if condenser:
             condense = condenser(st)

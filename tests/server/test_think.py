@@ -37,17 +37,21 @@ def test_text_without_think_is_content_and_an_open_block_is_reasoning():
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
+def think_art(tmp_path_factory):
     from transformers import AutoTokenizer
-
-    from server.config import ServerConfig
 
     d = save_tiny_llama(tmp_path_factory.mktemp("think") / "tiny-think")
     tok = AutoTokenizer.from_pretrained(str(d))
     tok.chat_template = THINK_TEMPLATE
     tok.save_pretrained(str(d))
-    art = build_artifact(d, tmp_path_factory.mktemp("art") / "tiny-think")
-    s = LiveServer(ServerConfig(artifacts=[f"tiny-think={art}"], max_model_len=512)).wait()
+    return build_artifact(d, tmp_path_factory.mktemp("art") / "tiny-think")
+
+
+@pytest.fixture(scope="module")
+def srv(think_art):
+    from server.config import ServerConfig
+
+    s = LiveServer(ServerConfig(artifacts=[f"tiny-think={think_art}"], max_model_len=512)).wait()
     yield s
     s.close()
 
@@ -78,3 +82,26 @@ def test_reasoning_effort_none_uses_the_no_think_switch(oai):
     assert off.usage.prompt_tokens > thinking.usage.prompt_tokens
     low = oai.chat.completions.create(reasoning_effort="low", **kw)  # no memory model needed: not the hybrid loop
     assert low.usage.prompt_tokens == thinking.usage.prompt_tokens
+
+
+def test_hybrid_loop_on_a_reasoning_model_answers_without_thinking_again(think_art):
+    """The loop's chain-of-thought is the model's thinking (rendered as usual, <think> tags
+    removed before condensing); the answer turn uses the template's no-think switch."""
+    import threading
+
+    from engine.generate import SamplingParams
+    from engine.runner import load_model
+    from server.hybrid import HybridParams, hybrid_work, plain_cot
+
+    lm, calls, cots = load_model(think_art), [], []
+    render = lm.encode_chat
+    lm.encode_chat = lambda messages, **kw: calls.append(kw) or render(messages, **kw)
+
+    def stub(stats):
+        return lambda prompt, cot, max_tokens, cancel: cots.append(cot) or "Condensed."
+
+    hp = HybridParams(loops=2, cot_groups=1, cot_group_tokens=4)
+    list(hybrid_work(lm, None, [{"role": "user", "content": "hi"}], hp, SamplingParams(max_tokens=3, temperature=0),
+                     512, [], condenser=stub)(threading.Event()))
+    assert calls == [{}, {}, {"enable_thinking": False}] and len(cots) == 2
+    assert plain_cot("<think>3 + 4 = 7\n</think>\n\nSo 7.") == "3 + 4 = 7\n\n\nSo 7."
