@@ -6,6 +6,8 @@ it away: direct answer; full chain-of-thought (CoT) at the hybrid's total reason
     python benchmarks/reasoning_eval.py --artifact artifacts/smollm2-135m-svamp-int8 \
         --memory-model memory_model/checkpoints/default --data svamp-dev --data gsm8k:100 \
         --json results/reasoning_eval.json
+    # the 4-bit model + hybrid vs the int8 model + full CoT, one server, one run:
+    ... --compare-artifact 4bit=artifacts/smollm2-135m-svamp-gptq --only "full CoT" --only "hybrid, 1" --only 4bit
 
 Every condition is one chat request per problem to the same server (started here on
 loopback unless --url is given), greedy, streamed, one at a time. Per condition: accuracy
@@ -54,10 +56,16 @@ def conditions(a) -> dict[str, dict]:
     }
 
 
+def compared(conds: dict[str, dict], name: str, which: list[str]) -> dict[str, dict]:
+    """The conditions named in `which` again, on the second served artifact `name` (the seed's
+    compensation claim: a 4-bit large model with the hybrid loop against int8 with full CoT)."""
+    return {f"{name}: {k}": {**v, "model": name} for k, v in conds.items() if any(k.startswith(w) for w in which)}
+
+
 def ask(client: httpx.Client, model: str, question: str, extra: dict) -> dict:
     """One streamed request: answer text, latency, time to first answer token, usage."""
     content = cot_prompt(question) if extra.get("cot") else question
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+    body = {"model": extra.get("model", model), "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": extra["max_tokens"], "hybrid": extra["hybrid"], "stream": True,
             "stream_options": {"include_usage": True}}
     t0, first, text, usage = time.perf_counter(), None, "", None
@@ -131,15 +139,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-tokens", type=int, default=32)
     p.add_argument("--condense-tokens", type=int, default=64)
     p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--compare-artifact", metavar="NAME=DIR",
+                   help="a second artifact served beside --artifact (e.g. 4bit=artifacts/...-gptq)")
+    p.add_argument("--compare", action="append",
+                   help="conditions (name prefixes) also run on --compare-artifact (default: full CoT, hybrid, 1 loop)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     sets = a.data or ["svamp-dev"]
     model = a.model or Path(a.artifact).name
-    conds = {k: v for k, v in conditions(a).items() if not a.only or any(k.startswith(o) for o in a.only)}
+    conds = conditions(a)
+    if a.compare_artifact:
+        if "=" not in a.compare_artifact:
+            p.error("--compare-artifact takes NAME=DIR")
+        conds |= compared(conds, a.compare_artifact.split("=")[0], a.compare or ["full CoT", "hybrid, 1 loop"])
+    conds = {k: v for k, v in conds.items() if not a.only or any(k.startswith(o) for o in a.only)}
     srv = None
     if a.url is None:
-        args = ["--artifact", f"{model}={a.artifact}", "--memory-model", a.memory_model, "--max-model-len", "2048",
+        second = ["--artifact", a.compare_artifact] if a.compare_artifact else []
+        args = ["--artifact", f"{model}={a.artifact}", *second, "--memory-model", a.memory_model, "--max-model-len", "2048",
                 "--max-tokens-default", "512"] + (["--threads", str(a.threads)] if a.threads else [])
         srv = ServerProcess(args)
     results, per_problem = {}, {}
@@ -147,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(base_url=a.url or srv.url, timeout=600) as client:
             for data in sets:
                 probs = load(data)[: a.limit or None]
-                ask(client, model, probs[0].question, conds[next(iter(conds))])  # warm-up
+                for extra in {c.get("model", model): c for c in conds.values()}.values():
+                    ask(client, model, probs[0].question, extra)  # warm-up, each served model
                 results[data], per_problem[data] = {}, {}
                 for name, extra in conds.items():
                     rows = []
