@@ -72,11 +72,12 @@ def _memory_model_path(arg: str | None) -> str | None:
     return None if arg.lower() == "none" else arg
 
 
-def parse_args(argv: list[str] | None = None):
+def build_parser(prog: str = "python -m server", description: str | None = None) -> argparse.ArgumentParser:
+    """Every serving flag; `python -m server.cluster` adds its own group to the same parser."""
     from .config import ServerConfig
 
     d = ServerConfig()
-    p = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     p.add_argument("--artifact", action="append", default=[], metavar="[NAME=]DIR",
                    help="artifact to serve (repeatable; the name defaults to the directory name)")
     p.add_argument("--gguf", action="append", default=[], metavar="FILE",
@@ -131,13 +132,24 @@ def parse_args(argv: list[str] | None = None):
                    help="cap on hybrid loops on battery")
     w.add_argument("--power-poll", type=float, default=d.power_poll_s, help="auto: seconds between power checks")
     p.add_argument("--log-level", default="info")
+    return p
+
+
+def parse_args(argv: list[str] | None = None):
+    p = build_parser()
     a = p.parse_args(argv)
+    return a, to_config(a, p)
+
+
+def to_config(a: argparse.Namespace, p: argparse.ArgumentParser):
+    from .config import ServerConfig
+
     if a.max_num_seqs < 1 or a.prefill_chunk < 1:
         p.error("--max-num-seqs and --prefill-chunk must be at least 1")
     if a.prefix_cache_mb < 0:
         p.error("--prefix-cache-mb must be 0 (off) or more")
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
-    return a, ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
+    return ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
                            max_num_seqs=a.max_num_seqs, prefill_chunk=a.prefill_chunk,
                            prefix_cache_mb=a.prefix_cache_mb,
@@ -153,9 +165,9 @@ def parse_args(argv: list[str] | None = None):
                            battery_hybrid_loops=a.battery_hybrid_loops, power_poll_s=a.power_poll)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a, cfg = parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def prepare(a: argparse.Namespace, cfg) -> int:
+    """Build what the flags ask for (default / GGUF artifacts) and check every artifact and the
+    memory model, before anything binds a port or starts a cluster: 0, or 2 after one line."""
     from compress.artifact import ArtifactError, read_manifest, verify
 
     if a.gguf:
@@ -188,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"error: memory model: {e}", file=sys.stderr)
             return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, cfg = parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rc := prepare(a, cfg):
+        return rc
     import uvicorn
 
     from .app import create_app

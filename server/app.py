@@ -77,12 +77,14 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
                         .model_dump(), status_code=status, headers=headers)
 
 
-def create_app(cfg: ServerConfig) -> FastAPI:
-    state = AppState(cfg)
+def create_app(cfg: ServerConfig, state: AppState | None = None) -> FastAPI:
+    """`state`: one that has already loaded (a Ray Serve replica loads before it reports ready);
+    otherwise the lifespan loads in the background and /health says 503 meanwhile."""
+    state = state or AppState(cfg)
 
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=state.load, name="model-loader", daemon=True)
-        loader.start()
+        if state.serving is None and state.load_error is None:
+            threading.Thread(target=state.load, name="model-loader", daemon=True).start()
         yield
         if state.serving is not None:
             state.serving.scheduler.shutdown()

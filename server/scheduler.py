@@ -77,6 +77,11 @@ class Scheduler:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        """The generation worker is running (a health check replaces a replica whose worker died)."""
+        return self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         return len(self._pending)
 

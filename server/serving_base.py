@@ -190,6 +190,10 @@ class OpenAIServing:
         try:
             async for ev in self.events(job, r):
                 out.add(ev)
+        except asyncio.CancelledError:  # the request task itself was cancelled: Ray Serve's proxy does
+            job.cancel.set()  # this when its client goes, instead of an ASGI disconnect message
+            self.ctx.metrics.cancelled.inc()
+            raise
         finally:
             watcher.cancel()
         return out
