@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-model-replay reasoning-eval serve-reasoning docker docker-smoke
+.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq serve-reasoning docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -78,6 +78,16 @@ reasoning-eval: reasoning-model
 	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft \
 		--data svamp-dev --data gsm8k:100 --loops 3 --groups 1 --group-tokens 24 --condense-tokens 64 \
 		--answer-tokens 12 --json results/reasoning_eval_svamp_int8.json
+
+# The compensation claim: the same tuned model at 4 bits + the hybrid loop vs int8 + full CoT, one run
+reasoning-eval-gptq: reasoning-model
+	test -f artifacts/smollm2-135m-svamp-gptq/manifest.json || $(BIN)/python -m compress build \
+		--model-dir artifacts/smollm2-135m-svamp-f32 --recipe "gptq(bits=4,group_size=128)" \
+		--out artifacts/smollm2-135m-svamp-gptq
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft \
+		--data svamp-dev --loops 3 --groups 1 --group-tokens 24 --condense-tokens 64 --answer-tokens 12 \
+		--compare-artifact 4bit=artifacts/smollm2-135m-svamp-gptq --only "full CoT" --only "hybrid, 1" \
+		--only 4bit --json results/reasoning_eval_gptq_vs_int8.json
 
 # The chat-replay variant measured in README "Reasoning on real problems" (about 1 hour on 2 cores)
 REPLAY ?= artifacts/smollm2-135m-svamp-replay-int8
