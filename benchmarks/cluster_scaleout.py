@@ -70,7 +70,14 @@ def load_with_kill(url: str, a, out: Path) -> dict:
     def killer():
         time.sleep(a.kill_after)
         os.kill(before[0], signal.SIGKILL)
+        t0 = time.perf_counter()
         event["killed_pid"], event["killed_at_s"] = before[0], a.kill_after
+        while time.perf_counter() - t0 < 120:  # Ray starts a replacement replica process
+            now = replica_pids()
+            if len(now) == len(before) and before[0] not in now:
+                event["replacement_process_after_s"] = round(time.perf_counter() - t0, 2)
+                break
+            time.sleep(0.1)
 
     t = threading.Thread(target=killer)
     t.start()
@@ -90,20 +97,20 @@ def load_with_kill(url: str, a, out: Path) -> dict:
 def _m(res: dict, conc: int, key: str) -> float | None:
     for run in res["runs"]:
         if run["concurrency"] == conc:
-            v = run[key]
+            v = run["summary"].get(key)
             return v.get("median") if isinstance(v, dict) else v
     return None
 
 
 def table(r: dict, concurrency: list[int]) -> str:
     one, two = r["bench"]["single"], r["bench"]["cluster"]
-    rows = ["| | single process | 2 Ray Serve replicas | ratio |", "|---|---:|---:|---:|"]
+    rows = ["| | single process | 2 Ray Serve replicas | replicas / single |", "|---|---:|---:|---:|"]
     for c in concurrency:
-        for key, name, unit in [("ttft_ms", "TTFT median", "ms"), ("tpot_ms", "TPOT median", "ms"),
-                                ("output_throughput", "output tok/s", "")]:
+        for key, name, scale, unit in [("ttft_s", "TTFT median", 1000, " ms"), ("tpot_s", "TPOT median", 1000, " ms"),
+                                       ("output_throughput", "output tok/s", 1, "")]:
             x, y = _m(one, c, key), _m(two, c, key)
             if x is not None and y is not None:
-                rows.append(f"| concurrency {c}: {name} | {x:.1f} {unit} | {y:.1f} {unit} | {y / x:.2f}x |")
+                rows.append(f"| concurrency {c}: {name} | {x * scale:.1f}{unit} | {y * scale:.1f}{unit} | {y / x:.2f}x |")
     for name in ("single", "cluster", "cluster, one replica killed"):
         ld = r["load"][name]
         rows.append(f"| load {name}: completed / 429 / errors / lost | {ld['completed']} / {ld['rejected']} / "

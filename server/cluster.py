@@ -5,6 +5,7 @@ Run (a local Ray instance is started; --address joins a running cluster):
     python -m server.cluster --replicas 2 --artifact artifacts/smollm2-135m-instruct-int8 --port 8000
     python -m server.cluster --min-replicas 1 --max-replicas 4 --target-ongoing 4 --artifact ...
     python -m server.cluster --address auto --replicas 8 --replica-cpus 4 --artifact /shared/artifacts/x
+    serve run server.cluster:build_app artifact=artifacts/smollm2-135m-instruct-int8 replicas=2
 Every `python -m server` flag means the same here (--threads is per replica, default: the
 machine's cores split over the replicas). Each replica loads and verifies the artifacts itself
 and reports ready only once they are loaded; `python -m server` never imports Ray.
@@ -113,6 +114,24 @@ def deployment(cfg: ServerConfig, cc: ClusterConfig):
                 raise RuntimeError("generation worker stopped")
 
     return serve.deployment(Replica, name="server").options(**options(cfg, cc)).bind(cfg)
+
+
+def build_app(args: dict[str, str]):
+    """Ray Serve's application-builder entry: `serve run server.cluster:build_app artifact=DIR
+    replicas=2 threads=1` or a KubeRay RayService's `import_path: server.cluster:build_app` with
+    `args:`. Keys are the flags without dashes (max_num_seqs or max-num-seqs), one value each;
+    a switch (no_ui) takes "true"."""
+    argv: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if str(value).lower() == "true":
+            argv.append(flag)
+        elif str(value).lower() != "false":
+            argv += [flag, str(value)]
+    a, cfg, cc = parse_args(argv)
+    if prepare(a, cfg):
+        raise ValueError(f"server.cluster:build_app cannot serve {args} (the error is printed above)")
+    return deployment(absolute(cfg), cc)
 
 
 def run(cfg: ServerConfig, cc: ClusterConfig, blocking: bool = True) -> None:

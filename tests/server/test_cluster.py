@@ -80,29 +80,44 @@ def test_full_replicas_answer_429_with_retry_after(app_url):
     assert busy.headers["Retry-After"] == "2" and busy.json()["error"]["type"] == "rate_limit_error"
 
 
-def _most(url: str, metric: str) -> float:
-    """The largest value of `metric` over 40 scrapes: each scrape reaches one replica chosen by
-    Ray's router, so both are seen (a miss has probability 2^-40)."""
-    most = 0.0
+def _values(url: str, metric: str) -> list[float]:
+    """`metric` as 40 scrapes saw it: each scrape reaches one replica chosen by Ray's router, so
+    both replicas are seen (a miss has probability 2^-40)."""
+    seen = []
     for _ in range(40):
         for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
             if line.startswith(metric + " "):
-                most = max(most, float(line.split()[-1]))
-    return most
+                seen.append(float(line.split()[-1]))
+    return seen
+
+
+def _total(url: str, metric: str) -> float:
+    """The metric summed over the two replicas (one value seen: both replicas hold it)."""
+    distinct = set(_values(url, metric))
+    return sum(distinct) if len(distinct) == 2 else 2 * distinct.pop()
 
 
 def test_client_disconnect_cancels_generation_on_the_replica(app_url):
-    before = _most(app_url, "hybrid_requests_cancelled_total")
+    before = _total(app_url, "hybrid_requests_cancelled_total")
     body = {"model": "tiny-chat", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", app_url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         data = [next(lines) for _ in range(6)]  # a few tokens, then the client goes
     assert any(x.startswith("data: {") for x in data)
     deadline = time.time() + 30
-    while _most(app_url, "hybrid_requests_cancelled_total") <= before:
+    while _total(app_url, "hybrid_requests_cancelled_total") <= before:
         assert time.time() < deadline, "the replica kept generating for a client that left"
         time.sleep(0.5)
-    assert _most(app_url, "hybrid_requests_running") == 0  # the row is free again
+    assert max(_values(app_url, "hybrid_requests_running")) == 0  # the row is free again
+    # not streamed: the client gives up after 1 s of a request that needs several
+    seen = _total(app_url, "hybrid_requests_cancelled_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(app_url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+    deadline = time.time() + 30
+    while _total(app_url, "hybrid_requests_cancelled_total") <= seen:
+        assert time.time() < deadline, "a non-streamed request kept generating after its client left"
+        time.sleep(0.5)
+    assert max(_values(app_url, "hybrid_requests_running")) == 0
 
 
 def _one(url: str, stream: bool) -> str:
@@ -176,3 +191,12 @@ def test_bad_cluster_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         C.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_run_builder_takes_the_same_flags(llama_artifact, capsys):
+    app = C.build_app({"artifact": f"tiny-chat={llama_artifact}", "replicas": "3", "max_num_seqs": "2",
+                       "no_ui": "true", "threads": "1"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="cannot serve"):
+        C.build_app({"artifact": str(llama_artifact.parent / "missing")})
+    assert "missing" in capsys.readouterr().err
