@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT = str(Path(sys.executable).parent / "lint-imports")
 PACKAGES = ("engine", "tasks", "compress", "memory_model", "server", "clients", "tests")
@@ -30,6 +32,7 @@ def _fake_tree(tmp: Path, imports: dict[str, str]) -> None:
         (tmp / pkg / "__init__.py").write_text("")
         (tmp / pkg / "mod.py").write_text(imports.get(pkg, ""))
         (tmp / pkg / "other.py").write_text(imports.get(pkg + ".other", ""))
+    (tmp / "server" / "cluster.py").write_text("import ray\n")  # the one module allowed to
 
 
 def _config(tmp: Path) -> Path:
@@ -50,6 +53,15 @@ def test_contracts_catch_a_cycle_inside_compress(tmp_path):
     _fake_tree(tmp_path, {"compress": "import compress.other\n", "compress.other": "import compress.mod\n"})
     r = _lint(tmp_path, _config(tmp_path))
     assert r.returncode != 0 and "compress" in r.stdout
+
+
+@pytest.mark.parametrize("imports, edge", [({"server": "import ray\n"}, "server.mod -> ray"),
+                                           ({"server": "import server.cluster\n"}, "server.mod -> server.cluster"),
+                                           ({"clients": "import ray\n"}, "clients.mod -> ray")])
+def test_contracts_catch_ray_imported_outside_server_cluster(tmp_path, imports, edge):
+    _fake_tree(tmp_path, imports)  # python -m server (or a client) would need the cluster extra
+    r = _lint(tmp_path, _config(tmp_path))
+    assert r.returncode != 0 and " 1 broken" in r.stdout and edge in r.stdout, r.stdout
 
 
 def test_contracts_catch_production_code_importing_the_tests(tmp_path):
