@@ -116,7 +116,7 @@ GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 
 def gguf_metadata(path: Path) -> dict:
-    """Architecture, name, whether a chat template is present, and the head size and sliding
+    """Architecture, name, whether a chat template and a tokenizer are present, and the head size and sliding
     window when the header states them; a missing, truncated or foreign file is a SourceError
     saying which."""
     if not path.is_file():
@@ -141,7 +141,7 @@ def gguf_metadata(path: Path) -> dict:
         return int(f.parts[f.data[0]][0]) if f is not None and f.data else None
 
     return {"architecture": arch, "name": text("general.name"),
-            "chat_template": "tokenizer.chat_template" in r.fields,
+            "chat_template": "tokenizer.chat_template" in r.fields, "tokenizer": "tokenizer.ggml.model" in r.fields,
             "head_dim": number("attention.key_length"), "sliding_window": number("attention.sliding_window")}
 
 
@@ -153,6 +153,9 @@ def gguf_hf_dir(path: str | Path, progress: bool = True) -> Path:
     if meta["architecture"] not in GGUF_ARCHS:
         raise SourceError(f"{path.name}: GGUF architecture {meta['architecture']!r} is not supported "
                           f"(supported: {', '.join(GGUF_ARCHS)})")
+    if not meta["tokenizer"]:  # transformers would fail deep inside its GGUF tokenizer conversion
+        raise SourceError(f"{path.name}: GGUF file has no tokenizer (no tokenizer.ggml.* metadata); "
+                          "convert the model with its tokenizer")
     sha = sha256_file(path)
     out = cache_dir() / "sources" / f"gguf-{sha[:16]}"
     if (out / "source.json").is_file():

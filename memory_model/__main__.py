@@ -184,7 +184,8 @@ def cmd_reinforce(a) -> None:
     log = reinforce(mm, lm, read_jsonl(Path(a.data)), rc, out, meta, resume=a.resume, progress=not a.quiet)
     first = next(r for r in log if "eval_accuracy" in r)
     last = [r for r in log if "eval_accuracy" in r][-1]
-    print(f"eval before: {first}\neval after:  {last}\nwrote {out}")
+    print(f"eval before: {first}\neval after:  {last}\n(eval_empty_cot_*: the same policy given no "
+          f"chain-of-thought - what it scores by answering alone)\nwrote {out}")
 
 
 def cmd_eval(a) -> None:

@@ -88,13 +88,19 @@ def advantages(r: torch.Tensor, baseline: str, normalize: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_policy(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceConfig) -> dict:
-    texts = [mm.condense(r["question"], r["cot"], max_new=rc.max_new).text for r in rows]
-    rs = rewards(lm, texts, [r["answer"] for r in rows], rc)
-    n = len(rs)
-    return {"eval_accuracy": sum(x["correct"] for x in rs) / n,
-            "eval_answer_logp": sum(x["answer_logp"] for x in rs) / n,
-            "eval_large_tokens": sum(x["large_tokens"] for x in rs) / n,
-            "eval_reward": sum(x["reward"] for x in rs) / n}
+    """The policy's greedy condensations scored like the reward, and the empty-CoT control: the
+    same policy given the question and no chain-of-thought. A policy that learns to answer
+    alone raises the control too; one that learns to condense widens the gap."""
+    out = {}
+    for prefix, cot in (("eval_", lambda r: r["cot"]), ("eval_empty_cot_", lambda r: "")):
+        texts = [mm.condense(r["question"], cot(r), max_new=rc.max_new).text for r in rows]
+        rs = rewards(lm, texts, [r["answer"] for r in rows], rc)
+        n = len(rs)
+        out |= {f"{prefix}accuracy": sum(x["correct"] for x in rs) / n,
+                f"{prefix}answer_logp": sum(x["answer_logp"] for x in rs) / n,
+                f"{prefix}large_tokens": sum(x["large_tokens"] for x in rs) / n,
+                f"{prefix}reward": sum(x["reward"] for x in rs) / n}
+    return out
 
 
 def reinforce(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceConfig, out: Path, meta: dict,

@@ -44,6 +44,8 @@ def _foreign_gguf(path: Path, arch: str = "gpt2") -> Path:
 def test_bad_gguf_files_are_one_line_errors(cmd, tmp_path):
     gpt2 = _foreign_gguf(tmp_path / "tiny-gpt2.gguf")
     _one_line_error(_cli(*cmd, str(gpt2)), "GGUF architecture 'gpt2' is not supported")
+    no_tokenizer = _foreign_gguf(tmp_path / "tiny-llama.gguf", arch="llama")
+    _one_line_error(_cli(*cmd, str(no_tokenizer)), "GGUF file has no tokenizer")
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(gpt2.read_bytes()[:40])
     _one_line_error(_cli(*cmd, str(truncated)), "not a readable GGUF file")

@@ -196,6 +196,7 @@ def test_sft_and_reinforce_steps(mm_checkpoint, llama_artifact, tmp_path):
                  "--eval-every", "2", "--eval-size", "4", "--quiet"]) == 0
     log = read_log(rl)
     assert log[0]["step"] == 0 and "eval_accuracy" in log[0]
+    assert "eval_empty_cot_accuracy" in log[0] and "eval_empty_cot_answer_logp" in log[-1]  # the control
     step = log[-1]
     assert step["step"] == 2 and "eval_reward" in step
     for key in ("reward", "answer_logp", "accuracy", "large_tokens", "kl", "entropy"):
