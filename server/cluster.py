@@ -33,7 +33,7 @@ APP_NAME = "hybrid-llm"
 @dataclass
 class ClusterConfig:
     replicas: int = 1  # fixed replica count (when min/max are not given)
-    min_replicas: int | None = None  # autoscaling on ongoing requests when min and max are given
+    min_replicas: int | None = None  # autoscaling on ongoing requests when min or max is given
     max_replicas: int | None = None
     target_ongoing: float = 4.0  # autoscaling: ongoing requests per replica to aim for
     replica_cpus: float | None = None  # Ray CPUs reserved per replica (default: its torch threads)
@@ -53,8 +53,8 @@ def max_ongoing(cfg: ServerConfig) -> int:
     """Requests Ray sends one replica at once: everything the replica would accept (its rows and
     its queue) plus room for the ones it turns away, so the 429 with Retry-After comes from our
     scheduler in OpenAI's shape and Ray's own back-pressure (a plain 503) is not the first to act.
-    Ray's router sends each request to the less loaded of two replicas, so a 429 means the replica
-    with the most room was full."""
+    Ray's router sends each request to the less loaded of two replicas it samples, so a 429 means
+    both were full (with two replicas: every replica)."""
     return cfg.max_num_seqs + cfg.max_queue + 8
 
 
