@@ -7,9 +7,12 @@ Jobs start first come, first served:
   `max_num_seqs` rows have room for its n samples; every batch step hands each running request
   its own TokenStep (text, finish reasons, logprobs), and Usage at its end; the batches share
   one prefix cache (`engine.prefix_cache`), whose entries each belong to one model;
-- an exclusive job runs to completion alone, between two batch steps, while the batch waits:
-  the hybrid loop (for now: its stages are plain decodes of two models that could join batches
-  later), a model without a batched forward (ONNX Runtime), or n above max_num_seqs.
+- an exclusive job - the hybrid loop (its stages are plain decodes of two models that could
+  join batches later), a model without a batched forward (ONNX Runtime), or n above
+  max_num_seqs - is a generator of events the worker advances by one event (one token, or
+  one memory-model condensation) between batch steps, so exclusive jobs and the batch
+  progress together instead of the batch waiting for a whole hybrid request; it holds
+  min(n, max_num_seqs) rows while it runs.
 Every job's events go to its own asyncio queue; the worker adds `Failed` if the job raised and
 `Done` after every job. Cancellation (client gone) is a threading.Event: a batched request
 leaves the batch at the next step, freeing its rows; an exclusive job checks it every token.
@@ -73,6 +76,7 @@ class Scheduler:
         # the worker's own state
         self._engines: dict[int, BatchEngine] = {}  # by id() of the model
         self._batched: list[Job] = []
+        self._alone: list[tuple[Job, Iterator[Event]]] = []  # exclusive jobs, advanced an event at a time
         self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
         self._thread.start()
 
@@ -105,11 +109,14 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._pending or self._batched):
+                while not (self._stopping or self._pending or self._batched or self._alone):
                     self._cv.wait()
                 if self._stopping:
+                    for job, events in self._alone:
+                        events.close()  # let the generators release their caches
                     return
             self._start_jobs()
+            self._step_alone()
             self._step()
 
     # ---- starting jobs ------------------------------------------------------------------
@@ -123,7 +130,7 @@ class Scheduler:
                     return
                 job = self._pending[0]
                 batched = self.batchable(job) and not job.cancel.is_set()
-                rows = job.request.params.n if batched else 0
+                rows = self._rows_of(job, batched)
                 if self._rows + rows > self.batch.max_num_seqs:
                     return  # it waits for rows, and everyone behind it too
                 self._pending.popleft()
@@ -136,7 +143,13 @@ class Scheduler:
             elif batched:
                 self._join_batch(job)
             else:
-                self._run_alone(job)
+                self._start_alone(job, rows)
+
+    def _rows_of(self, job: Job, batched: bool) -> int:
+        """Rows a job holds while it runs: its n samples in a batch; an exclusive one as many, up
+        to all of them (a hybrid request: one), so max_num_seqs bounds exclusive work too."""
+        n = job.request.params.n if job.request is not None else 1
+        return n if batched else min(n, self.batch.max_num_seqs)
 
     def _join_batch(self, job: Job) -> None:
         try:
@@ -150,17 +163,32 @@ class Scheduler:
             job.emit(Failed(e))
             self._finish(job, job.request.params.n)
 
-    def _run_alone(self, job: Job) -> None:
+    def _start_alone(self, job: Job, rows: int) -> None:
         try:
             job.start()
-            for event in job.work(job.cancel):
-                job.emit(event)
-                if job.cancel.is_set():
-                    break
+            self._alone.append((job, iter(job.work(job.cancel))))
         except Exception as e:  # reported to the client; the worker keeps serving
             job.emit(Failed(e))
-        finally:
-            self._finish(job, 0)
+            self._finish(job, rows)
+
+    def _step_alone(self) -> None:
+        """The next event of every exclusive job (a token, a condensation), between batch steps."""
+        for job, events in list(self._alone):
+            try:
+                event = next(events, None)
+                if event is not None:
+                    job.emit(event)
+                if event is None or job.cancel.is_set():
+                    self._end_alone(job, events)
+            except Exception as e:  # reported to the client; the worker keeps serving
+                job.emit(Failed(e))
+                self._end_alone(job, events)
+
+    def _end_alone(self, job: Job, events: Iterator[Event]) -> None:
+        self._alone = [(j, ev) for j, ev in self._alone if j is not job]
+        if hasattr(events, "close"):
+            events.close()  # a cancelled generator stops here, not at garbage collection
+        self._finish(job, self._rows_of(job, False))
 
     def _finish(self, job: Job, rows: int) -> None:
         with self._cv:

@@ -308,3 +308,38 @@ def test_hybrid_answer_stage_is_the_constrained_one(hybrid_srv):
     jsonschema.validate(json.loads(c["message"]["content"]), schema)
     r = _chat(hybrid_srv, hybrid={**SMALL, "answer_prefix": "The answer is"}, response_format=fmt)
     assert r.status_code == 400 and r.json()["error"]["param"] == "hybrid"
+
+
+def test_a_plain_request_is_served_while_a_hybrid_request_runs(hybrid_srv):
+    """The worker advances an exclusive job (the hybrid loop) one event at a time between batch
+    steps: a plain stream that starts while a long hybrid request runs finishes while the hybrid
+    request is still emitting, and both get exactly what they get alone."""
+    import json
+    import threading
+    import time
+
+    hybrid = dict(hybrid={"loops": 6, "cot_groups": 4, "cot_group_tokens": 40, "condense_tokens": 8},
+                  max_tokens=200, ignore_eos=True, temperature=0)
+    plain = dict(max_tokens=5, ignore_eos=True, temperature=0)
+    alone = _chat(hybrid_srv, **hybrid).json()["choices"][0]["message"]["content"]
+    alone_plain = _chat(hybrid_srv, **plain).json()["choices"][0]["message"]["content"]
+    stamps, text, started = [], [], threading.Event()
+
+    def read_hybrid():
+        body = {"model": "tiny-chat", "messages": Q, "stream": True, **hybrid}
+        with httpx.stream("POST", hybrid_srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.perf_counter())
+                    started.set()
+                    for c in json.loads(line[6:])["choices"]:
+                        text.append(c["delta"].get("content") or "")
+
+    reader = threading.Thread(target=read_hybrid)
+    reader.start()
+    assert started.wait(30)
+    together_plain = _chat(hybrid_srv, **plain).json()["choices"][0]["message"]["content"]
+    plain_done = time.perf_counter()
+    reader.join(60)
+    assert together_plain == alone_plain and "".join(text) == alone
+    assert sum(t > plain_done for t in stamps) > 20  # the hybrid request was still streaming
