@@ -78,7 +78,7 @@ def run(label: str, a, cwd: Path) -> dict:
     here = os.getcwd()
     os.chdir(cwd)  # `python -m server` imports the server package of this directory first
     try:
-        with ServerProcess(["--artifact", f"m={Path(a.artifact).resolve()}", "--threads", str(a.threads)]) as srv:
+        with ServerProcess(["--artifact", f"m={a.artifact}", "--threads", str(a.threads)]) as srv:
             rows = trials(srv.url, "m", a.trials)
     finally:
         os.chdir(here)
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-dir", type=Path, help="another checkout to measure in the same run")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "mixed_hybrid.json")
     a = p.parse_args(argv)
+    a.artifact = str(Path(a.artifact).resolve())  # the servers start in other directories
     res = {"settings": {k: str(v) for k, v in vars(a).items()}, "hybrid": HYBRID, "this": run("this checkout", a, ROOT)}
     if a.compare_dir:
         res["compare"] = run(f"{a.compare_dir}", a, a.compare_dir.resolve())
