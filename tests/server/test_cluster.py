@@ -51,7 +51,7 @@ def _running() -> int:
 
 def _chat(url: str, **kw) -> httpx.Response:
     body = {"model": "tiny-chat", "messages": CHAT, "temperature": 0, **kw}
-    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
 
 
 def test_openai_client_and_streaming_through_the_proxy(app_url):
