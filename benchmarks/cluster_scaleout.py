@@ -8,7 +8,8 @@ Both sides get the same totals: `python -m server --threads T --max-num-seqs S` 
 Runs `clients.bench` (concurrency 1, 4, 8) and a bounded `clients.load` against each, then a
 third load run on the cluster during which one replica process is killed (SIGKILL) after a
 few seconds: every request must end as completed, 429 or a reported error, none lost, and
-the replica must be back afterwards. Prints the ratio table (cluster / single).
+the replica must be back afterwards. Last, autoscaling: 1 to 2 replicas under sustained load.
+Prints the ratio table (cluster / single).
 """
 
 from __future__ import annotations
@@ -94,6 +95,34 @@ def load_with_kill(url: str, a, out: Path) -> dict:
     return {**res, "fault": event}
 
 
+def autoscale(a, common: list[str], work: Path) -> dict:
+    """`--min-replicas 1 --max-replicas 2 --target-ongoing 1` under a load of `a.clients` streams
+    for `a.autoscale_seconds`: when the second replica process appeared, and the load's counts."""
+    one = ["--threads", str(max(1, a.threads // 2)), "--max-num-seqs", str(max(1, a.slots // 2))]
+    res: dict = {}
+    with ClusterProcess([*common, "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing", "1", *one],
+                        timeout=600) as srv:
+        res["replicas_idle"] = len(replica_pids())
+        t0, seen = time.perf_counter(), {}
+
+        def watch():
+            while time.perf_counter() - t0 < a.autoscale_seconds:
+                if len(replica_pids()) >= 2 and "second_replica_after_s" not in seen:
+                    seen["second_replica_after_s"] = round(time.perf_counter() - t0, 1)
+                time.sleep(0.5)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        seconds = a.seconds
+        a.seconds = a.autoscale_seconds
+        res["load"] = load(srv.url, a, work / "autoscale.json")
+        a.seconds = seconds
+        t.join()
+        res |= seen
+        res["replicas_under_load"] = len(replica_pids())
+    return res
+
+
 def _m(res: dict, conc: int, key: str) -> float | None:
     for run in res["runs"]:
         if run["concurrency"] == conc:
@@ -128,12 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="load test clients")
     p.add_argument("--seconds", type=float, default=40.0, help="each load run")
     p.add_argument("--kill-after", type=float, default=10.0, help="seconds into the fault run")
+    p.add_argument("--autoscale-seconds", type=float, default=90.0,
+                   help="the autoscaling run's load (Ray waits 30 s of sustained load before scaling up)")
+    p.add_argument("--autoscale-only", action="store_true",
+                   help="run only the autoscaling check and add it to an existing --out file")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "cluster_scaleout.json")
     a = p.parse_args(argv)
     if replica_pids():
         p.error("replicas of another server.cluster run are alive; stop them first")
     work = Path(tempfile.mkdtemp(prefix="cluster-"))
     common = ["--artifact", f"m={a.artifact}", "--memory-model", "none", "--max-queue", "16"]
+    if a.autoscale_only:
+        r = json.loads(a.out.read_text())
+        r["autoscale"] = autoscale(a, common, work)
+        print("autoscale:", json.dumps({k: v for k, v in r["autoscale"].items() if k != "load"}))
+        write_json(r, a.out)
+        return 0
     r: dict = {"settings": {k: str(v) for k, v in vars(a).items()}, "bench": {}, "load": {}}
     with ServerProcess([*common, "--threads", str(a.threads), "--max-num-seqs", str(a.slots)]) as one:
         r["bench"]["single"] = bench(one.url, "single", a, work / "b1.json")
@@ -145,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         r["bench"]["cluster"] = bench(two.url, "cluster", a, work / "b2.json")
         r["load"]["cluster"] = load(two.url, a, work / "l2.json")
         r["load"]["cluster, one replica killed"] = load_with_kill(two.url, a, work / "l3.json")
+    r["autoscale"] = autoscale(a, common, work)
     r["table"] = table(r, [int(x) for x in a.concurrency.split(",")])
     print(r["table"])
     print("fault:", json.dumps(r["load"]["cluster, one replica killed"]["fault"]))

@@ -112,7 +112,7 @@ class Scheduler:
                 while not (self._stopping or self._pending or self._batched or self._alone):
                     self._cv.wait()
                 if self._stopping:
-                    for job, events in self._alone:
+                    for _, events in self._alone:
                         events.close()  # let the generators release their caches
                     return
             self._start_jobs()
