@@ -14,7 +14,8 @@ header and turn markers for the large model; `<bos><|prompt|>` and any unchanged
 text for the memory model) and only the rest is prefilled.
 
 Events for the serving layer (`engine.events`): `Reasoning` while thinking, then the same
-`TokenStep` / `Usage` events as plain generation, with `Stats(HybridStats)` before `Usage`.
+`TokenStep` / `Usage` events as plain generation, with `Stats(HybridStats)` before `Usage`;
+None between the memory model's tokens (nothing to send: the worker steps its batch there).
 The memory model is reached through a `Condenser` (text in, text out), so the loop can be
 driven by a stub in tests.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -141,13 +142,37 @@ class Condenser:
         self.mm, self.stats = mm, stats
         self.kv = PrefixKV(mm.model, mm.cfg.max_len, stats.small)
 
-    def __call__(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> str:
+    def steps(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> Generator[None, None, str]:
+        """The condensation token by token: None after each one (a point where the worker may
+        step the batch), the text as the generator's return value."""
         ids = self.mm.input_ids(prompt, cot)
         pick = lambda lg: int(lg[0].argmax())  # noqa: E731
-        out = list(_decode(self.kv, ids, self.mm.budget(ids, max_tokens), {self.mm.cfg.eos_id}, pick, cancel))
+        out = []
+        for tok in _decode(self.kv, ids, self.mm.budget(ids, max_tokens), {self.mm.cfg.eos_id}, pick, cancel):
+            out.append(tok)
+            yield None
         self.stats.small.completion_tokens += len(out)
         self.stats.condensed_tokens += len(out)
         return self.mm.tok.decode(out).strip()
+
+    def __call__(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> str:
+        return _run(self.steps(prompt, cot, max_tokens, cancel))
+
+
+def _run(steps: Generator[None, None, str]) -> str:
+    """A step-wise computation run to its end: its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _condense(condense: Callable[..., str], *args) -> Generator[None, None, str]:
+    """A condenser's text, step by step when it can (Condenser.steps), else in one call."""
+    if hasattr(condense, "steps"):
+        return (yield from condense.steps(*args))
+    return condense(*args)
 
 
 class Truncator:
@@ -294,7 +319,7 @@ def hybrid_work(lm: LoadedModel, mm: MemoryModel | None, messages: list[dict], h
             if cancel.is_set():
                 return
             t0 = time.perf_counter()  # 2. the memory model condenses (P, CoT) into the next P
-            condensed = condense(p, cot.strip(), hp.condense_tokens, cancel)
+            condensed = yield from _condense(condense, p, cot.strip(), hp.condense_tokens, cancel)
             st.seconds["condense"] += time.perf_counter() - t0
             yield from r.say(f"\n[loop {loop + 1}] condensed prompt:\n{condensed or '(empty: prompt kept)'}\n\n")
             p = condensed or p

@@ -9,10 +9,10 @@ Jobs start first come, first served:
   one prefix cache (`engine.prefix_cache`), whose entries each belong to one model;
 - an exclusive job - the hybrid loop (its stages are plain decodes of two models that could
   join batches later), a model without a batched forward (ONNX Runtime), or n above
-  max_num_seqs - is a generator of events the worker advances by one event (one token, or
-  one memory-model condensation) between batch steps, so exclusive jobs and the batch
-  progress together instead of the batch waiting for a whole hybrid request; it holds
-  min(n, max_num_seqs) rows while it runs.
+  max_num_seqs - is a generator of events the worker advances by one event (a token; None
+  marks a step with nothing to send, e.g. a memory-model token) between batch steps, so
+  exclusive jobs and the batch progress together instead of the batch waiting for a whole
+  hybrid request; it holds min(n, max_num_seqs) rows while it runs.
 Every job's events go to its own asyncio queue; the worker adds `Failed` if the job raised and
 `Done` after every job. Cancellation (client gone) is a threading.Event: a batched request
 leaves the batch at the next step, freeing its rows; an exclusive job checks it every token.
@@ -33,6 +33,9 @@ from engine.batching import BatchConfig, BatchEngine
 from engine.events import Done, Event, Failed
 from engine.prefix_cache import PrefixCache
 from engine.textgen import TextRequest
+
+
+_END = object()  # an exclusive job's generator is exhausted
 
 
 class QueueFull(Exception):
@@ -175,10 +178,10 @@ class Scheduler:
         """The next event of every exclusive job (a token, a condensation), between batch steps."""
         for job, events in list(self._alone):
             try:
-                event = next(events, None)
-                if event is not None:
+                event = next(events, _END)
+                if event is not _END and event is not None:  # None: a step with nothing to send
                     job.emit(event)
-                if event is None or job.cancel.is_set():
+                if event is _END or job.cancel.is_set():
                     self._end_alone(job, events)
             except Exception as e:  # reported to the client; the worker keeps serving
                 job.emit(Failed(e))

@@ -64,3 +64,27 @@ def test_a_cancelled_exclusive_job_frees_its_row_at_once():
     finally:
         sched.shutdown()
         loop.close()
+
+
+def test_none_from_an_exclusive_job_is_a_step_with_nothing_sent():
+    from engine.events import Done
+
+    loop, log = asyncio.new_event_loop(), []
+    sched = Scheduler(max_queue=4, batch=BatchConfig(max_num_seqs=1))
+
+    def work(cancel):
+        for i in range(3):
+            yield None  # e.g. a memory-model token
+            log.append(i)
+            yield ("token", i)
+
+    try:
+        job = Job(loop, work=work)
+        sched.submit(job)
+        _wait_for(lambda: sched.running == 0 and len(log) == 3)
+        loop.run_until_complete(asyncio.sleep(0.01))  # deliver what the worker emitted
+        sent = [job.events.get_nowait() for _ in range(job.events.qsize())]
+        assert sent[:-1] == [("token", 0), ("token", 1), ("token", 2)] and isinstance(sent[-1], Done)
+    finally:
+        sched.shutdown()
+        loop.close()
