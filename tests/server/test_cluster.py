@@ -200,3 +200,13 @@ def test_serve_run_builder_takes_the_same_flags(llama_artifact, capsys):
     with pytest.raises(ValueError, match="cannot serve"):
         C.build_app({"artifact": str(llama_artifact.parent / "missing")})
     assert "missing" in capsys.readouterr().err
+
+
+def test_a_bad_artifact_stops_the_cli_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "server.cluster", "--artifact", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "missing" in r.stderr and "Ray" not in r.stdout + r.stderr  # no local instance was started
