@@ -72,6 +72,7 @@ class HybridStats:
     condensed_tokens: int = 0  # tokens the memory model wrote
     final_prompt_tokens: int = 0  # large-model tokens of the P the answer was written from
     peak_context_tokens: int = 0  # longest large-model context (prompt + generated) of any stage
+    # wall time each stage spanned (with other requests interleaved on the worker, their steps count too)
     seconds: dict = field(default_factory=lambda: {"cot": 0.0, "condense": 0.0, "answer": 0.0})
 
     def to_dict(self) -> dict:

@@ -30,7 +30,8 @@ class Metrics:
         # the hybrid loop, per stage (stage: cot, condense, answer; role: large, small)
         self.loop_requests = Counter("hybrid_loop_requests", "Requests served by the hybrid loop", ["model"],
                                      registry=r)
-        self.stage_seconds = Histogram("hybrid_loop_stage_seconds", "Time per request spent in each hybrid stage",
+        self.stage_seconds = Histogram("hybrid_loop_stage_seconds",
+                                       "Wall time each hybrid stage of a request spanned (interleaved work included)",
                                        ["model", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.stage_tokens = Counter("hybrid_loop_tokens", "Hybrid-loop tokens by model role and kind "
                                     "(prompt = prefilled, cached = reused KV, completion = generated)",
