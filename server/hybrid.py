@@ -16,8 +16,9 @@ text for the memory model) and only the rest is prefilled.
 Events for the serving layer (`engine.events`): `Reasoning` while thinking, then the same
 `TokenStep` / `Usage` events as plain generation, with `Stats(HybridStats)` before `Usage`;
 None between the memory model's tokens (nothing to send: the worker steps its batch there).
-The memory model is reached through a `Condenser` (text in, text out), so the loop can be
-driven by a stub in tests.
+The memory model is reached through a `Condenser` (its `steps` yield between tokens, the text
+is their return value); the truncation control and test stubs are plain functions, text in,
+text out.
 """
 
 from __future__ import annotations
@@ -156,20 +157,8 @@ class Condenser:
         self.stats.condensed_tokens += len(out)
         return self.mm.tok.decode(out).strip()
 
-    def __call__(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> str:
-        return _run(self.steps(prompt, cot, max_tokens, cancel))
 
-
-def _run(steps: Generator[None, None, str]) -> str:
-    """A step-wise computation run to its end: its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
-def _condense(condense: Callable[..., str], *args) -> Generator[None, None, str]:
+def _condense(condense: Condenser | Callable[..., str], *args) -> Generator[None, None, str]:
     """A condenser's text, step by step when it can (Condenser.steps), else in one call."""
     if hasattr(condense, "steps"):
         return (yield from condense.steps(*args))
