@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.bench import write_json  # noqa: E402
 from clients.launch import ServerProcess  # noqa: E402
+from vs_llamacpp import bench_metric, run_bench  # noqa: E402  (this directory is on sys.path)
 
 REPLICA_TITLE = "ServeReplica:hybrid-llm"  # Ray's process title for a replica of server.cluster's app
 
@@ -47,13 +48,6 @@ class ClusterProcess(ServerProcess):
 def replica_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", REPLICA_TITLE], capture_output=True, text=True).stdout
     return sorted(int(x) for x in out.split())
-
-
-def bench(url: str, label: str, a, out: Path) -> dict:
-    subprocess.run([sys.executable, "-m", "clients.bench", "--url", url, "--label", label,
-                    "--num-prompts", str(a.num_prompts), "--input-len", "128", "--output-len", "64",
-                    "--concurrency", a.concurrency, "--out", str(out)], cwd=ROOT, check=True)
-    return json.loads(out.read_text())
 
 
 def load(url: str, a, out: Path) -> dict:
@@ -123,21 +117,14 @@ def autoscale(a, common: list[str], work: Path) -> dict:
     return res
 
 
-def _m(res: dict, conc: int, key: str) -> float | None:
-    for run in res["runs"]:
-        if run["concurrency"] == conc:
-            v = run["summary"].get(key)
-            return v.get("median") if isinstance(v, dict) else v
-    return None
-
-
 def table(r: dict, concurrency: list[int]) -> str:
     one, two = r["bench"]["single"], r["bench"]["cluster"]
     rows = ["| | single process | 2 Ray Serve replicas | replicas / single |", "|---|---:|---:|---:|"]
     for c in concurrency:
-        for key, name, scale, unit in [("ttft_s", "TTFT median", 1000, " ms"), ("tpot_s", "TPOT median", 1000, " ms"),
+        for key, name, scale, unit in [("ttft_s.median", "TTFT median", 1000, " ms"),
+                                       ("tpot_s.median", "TPOT median", 1000, " ms"),
                                        ("output_throughput", "output tok/s", 1, "")]:
-            x, y = _m(one, c, key), _m(two, c, key)
+            x, y = bench_metric(one, c, key), bench_metric(two, c, key)
             if x is not None and y is not None:
                 rows.append(f"| concurrency {c}: {name} | {x * scale:.1f}{unit} | {y * scale:.1f}{unit} | {y / x:.2f}x |")
     for name in ("single", "cluster", "cluster, one replica killed"):
@@ -166,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if replica_pids():
         p.error("replicas of another server.cluster run are alive; stop them first")
     work = Path(tempfile.mkdtemp(prefix="cluster-"))
+    conc = [int(x) for x in a.concurrency.split(",")]
     common = ["--artifact", f"m={a.artifact}", "--memory-model", "none", "--max-queue", "16"]
     if a.autoscale_only:
         r = json.loads(a.out.read_text())
@@ -175,17 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     r: dict = {"settings": {k: str(v) for k, v in vars(a).items()}, "bench": {}, "load": {}}
     with ServerProcess([*common, "--threads", str(a.threads), "--max-num-seqs", str(a.slots)]) as one:
-        r["bench"]["single"] = bench(one.url, "single", a, work / "b1.json")
+        r["bench"]["single"] = run_bench(one.url, "single", conc, a, work / "b1.json")
         r["load"]["single"] = load(one.url, a, work / "l1.json")
     half = ["--threads", str(max(1, a.threads // 2)), "--max-num-seqs", str(max(1, a.slots // 2))]
     t0 = time.perf_counter()
     with ClusterProcess([*common, "--replicas", "2", *half], timeout=600) as two:
         r["cluster_start_s"] = time.perf_counter() - t0
-        r["bench"]["cluster"] = bench(two.url, "cluster", a, work / "b2.json")
+        r["bench"]["cluster"] = run_bench(two.url, "cluster", conc, a, work / "b2.json")
         r["load"]["cluster"] = load(two.url, a, work / "l2.json")
         r["load"]["cluster, one replica killed"] = load_with_kill(two.url, a, work / "l3.json")
     r["autoscale"] = autoscale(a, common, work)
-    r["table"] = table(r, [int(x) for x in a.concurrency.split(",")])
+    r["table"] = table(r, conc)
     print(r["table"])
     print("fault:", json.dumps(r["load"]["cluster, one replica killed"]["fault"]))
     write_json(r, a.out)

@@ -159,7 +159,8 @@ def multi_turn(url: str, n_words: int = 700) -> dict:
     return {"first_turn_ttft_s": t1, "second_turn_ttft_s": t2, "ratio": t2 / t1}
 
 
-def _metric(res: dict, conc: int, key: str) -> float | None:
+def bench_metric(res: dict, conc: int, key: str) -> float | None:
+    """A `clients.bench` result's summary value at one concurrency; `key` dotted (ttft_s.median)."""
     for run in res["runs"]:
         if run["concurrency"] == conc:
             v = run["summary"]
@@ -174,7 +175,7 @@ def ratio_table(ours: dict, peer: dict, concurrency: list[int], turns: dict) -> 
     for conc in concurrency:
         for name, key, scale in (("TTFT median ms", "ttft_s.median", 1000), ("TPOT median ms", "tpot_s.median", 1000),
                                  ("output tok/s", "output_throughput", 1)):
-            a, b = _metric(ours, conc, key), _metric(peer, conc, key)
+            a, b = bench_metric(ours, conc, key), bench_metric(peer, conc, key)
             if a is not None and b:
                 rows.append(f"| concurrency {conc}: {name} | {a * scale:.1f} | {b * scale:.1f} | {a / b:.2f}x |")
     for k in ("first_turn_ttft_s", "second_turn_ttft_s"):
