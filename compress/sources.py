@@ -116,9 +116,9 @@ GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
 
 
 def gguf_metadata(path: Path) -> dict:
-    """Architecture, name, whether a chat template and a tokenizer are present, and the head size and sliding
-    window when the header states them; a missing, truncated or foreign file is a SourceError
-    saying which."""
+    """Architecture, name, whether a chat template and a tokenizer are present, and the head
+    size and sliding window when the header states them; a missing, truncated or foreign file
+    is a SourceError saying which."""
     if not path.is_file():
         raise SourceError(f"{path}: no such GGUF file")
     from gguf import GGUFReader
@@ -145,10 +145,9 @@ def gguf_metadata(path: Path) -> dict:
             "head_dim": number("attention.key_length"), "sliding_window": number("attention.sliding_window")}
 
 
-def gguf_hf_dir(path: str | Path, progress: bool = True) -> Path:
-    """A local GGUF file (llama.cpp / Ollama / LM Studio) as a cached HF directory, keyed by
-    the file's sha256 so a changed file converts again and a renamed one does not."""
-    path = Path(path)
+def servable_gguf(path: Path) -> dict:
+    """gguf_metadata of a file this project can convert and serve; a SourceError naming what is
+    wrong otherwise (read from the header only: callers check before hashing the file)."""
     meta = gguf_metadata(path)
     if meta["architecture"] not in GGUF_ARCHS:
         raise SourceError(f"{path.name}: GGUF architecture {meta['architecture']!r} is not supported "
@@ -156,6 +155,14 @@ def gguf_hf_dir(path: str | Path, progress: bool = True) -> Path:
     if not meta["tokenizer"]:  # transformers would fail deep inside its GGUF tokenizer conversion
         raise SourceError(f"{path.name}: GGUF file has no tokenizer (no tokenizer.ggml.* metadata); "
                           "convert the model with its tokenizer")
+    return meta
+
+
+def gguf_hf_dir(path: str | Path, progress: bool = True) -> Path:
+    """A local GGUF file (llama.cpp / Ollama / LM Studio) as a cached HF directory, keyed by
+    the file's sha256 so a changed file converts again and a renamed one does not."""
+    path = Path(path)
+    meta = servable_gguf(path)
     sha = sha256_file(path)
     out = cache_dir() / "sources" / f"gguf-{sha[:16]}"
     if (out / "source.json").is_file():

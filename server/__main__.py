@@ -48,11 +48,11 @@ def ensure_gguf_artifact(gguf: str, recipe: str) -> str:
     """`NAME=DIR` of the artifact built from a local GGUF file with `recipe`, cached by the file's
     sha256 (a second start reuses it; a changed file builds again). NAME is the file's stem."""
     from compress.artifact import sha256_file
-    from compress.sources import SourceError, cache_dir, gguf_metadata
+    from compress.sources import SourceError, cache_dir, servable_gguf
 
     path = Path(gguf)
     try:
-        gguf_metadata(path)  # a missing, truncated or foreign file: one line, before hashing
+        servable_gguf(path)  # a bad or unsupported file: one line, before hashing it
     except SourceError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
