@@ -45,8 +45,14 @@ class ClusterConfig:
     def autoscaling(self) -> bool:
         return self.min_replicas is not None or self.max_replicas is not None
 
+    def fewest_replicas(self) -> int:
+        return (1 if self.min_replicas is None else self.min_replicas) if self.autoscaling else self.replicas
+
     def most_replicas(self) -> int:
-        return self.max_replicas if self.autoscaling else self.replicas
+        """The largest replica count: max_replicas, or min_replicas (at least 1) when only that is given."""
+        if not self.autoscaling:
+            return self.replicas
+        return self.max_replicas or max(self.fewest_replicas(), 1)
 
 
 def max_ongoing(cfg: ServerConfig) -> int:
@@ -79,8 +85,7 @@ def options(cfg: ServerConfig, cc: ClusterConfig) -> dict:
             "ray_actor_options": {"num_cpus": cc.replica_cpus or cfg.threads or 1},
             "health_check_period_s": cc.health_period_s, "health_check_timeout_s": cc.health_timeout_s}
     if cc.autoscaling:
-        low = 1 if cc.min_replicas is None else cc.min_replicas
-        opts["autoscaling_config"] = {"min_replicas": low, "max_replicas": cc.max_replicas or max(low, 1),
+        opts["autoscaling_config"] = {"min_replicas": cc.fewest_replicas(), "max_replicas": cc.most_replicas(),
                                       "target_ongoing_requests": cc.target_ongoing}
     else:
         opts["num_replicas"] = cc.replicas

@@ -182,6 +182,8 @@ def test_flags_become_deployment_options(monkeypatch):
     assert C._local_cpus(cfg, cc) == 8  # never less than the machine; more when the replicas reserve more
     _, cfg, cc = C.parse_args(["--max-replicas", "16", "--replica-cpus", "2"])
     assert C._local_cpus(cfg, cc) == 32
+    _, cfg, cc = C.parse_args(["--min-replicas", "2"])  # min alone: it is the most too
+    assert cfg.threads == 4 and C.options(cfg, cc)["autoscaling_config"]["max_replicas"] == 2
     assert C.absolute(ServerConfig(artifacts=["m=artifacts/x"])).artifacts[0].startswith("m=/")
 
 
