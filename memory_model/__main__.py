@@ -5,6 +5,8 @@ Run (defaults are the shipped checkpoint's settings; `make memory-model` has its
     python -m memory_model tokenizer --out data/mm/tokenizer.model --vocab 8192
     python -m memory_model pretrain --preset mm-8m --tokenizer data/mm/tokenizer.model \
         --data stdlib,pydoc,problems,cot:data/mm/train.jsonl --out checkpoints/mm-8m-pre
+    python -m memory_model init --artifact artifacts/smollm2-svamp-depth12-f32 --out checkpoints/mm-70m-init
+        (instead of tokenizer + pretrain: a memory model initialised from a large model's float artifact)
     python -m memory_model sft --init checkpoints/mm-8m-pre --data data/mm/train.jsonl --out checkpoints/mm-8m-sft
     python -m memory_model reinforce --init checkpoints/mm-8m-sft --large artifacts/smollm2-135m-instruct-int8 \
         --data data/mm/train.jsonl --out checkpoints/mm-8m-rl
@@ -121,6 +123,27 @@ def cmd_pretrain(a) -> None:
     print(f"wrote {out}")
 
 
+def cmd_init(a) -> None:
+    from engine.artifact import ArtifactError
+
+    from .checkpoint import save_checkpoint
+    from .init_from import import_artifact
+    from .model import n_params
+    from .tokenizer import CONTROL
+
+    out = Path(a.out)
+    _refuse_existing(out, a)
+    try:
+        model, cfg, tok, meta = import_artifact(a.artifact, a.max_len)
+    except ArtifactError as e:
+        raise ValueError(str(e)) from e
+    n = n_params(model)
+    save_checkpoint(out, model, cfg, tok, {**meta, "params": n}, log=[{"imported": meta["source_artifact"],
+                                                                         "params": n}])
+    print(f"wrote {out}: {n / 1e6:.1f}M parameters, {cfg.n_layers} layers, vocabulary {cfg.vocab_size} "
+          f"(the large model's + {len(CONTROL)} control tokens)")
+
+
 def cmd_sft(a) -> None:
     from .checkpoint import load_checkpoint
     from .cot import read_jsonl
@@ -220,7 +243,9 @@ def cmd_eval(a) -> None:
 def cmd_export(a) -> None:
     from .checkpoint import export_checkpoint
 
-    stages = export_checkpoint(Path(a.checkpoint), Path(a.out))
+    import torch
+
+    stages = export_checkpoint(Path(a.checkpoint), Path(a.out), {"bf16": torch.bfloat16}.get(a.dtype))
     print(f"wrote {a.out} (logs of: {', '.join(stages)})")
 
 
@@ -278,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--data", default="stdlib,pydoc,problems")
     train_args(pt, 3000, 16, 1e-3, 100)
     pt.set_defaults(fn=cmd_pretrain)
+
+    i = sub.add_parser("init", help="a memory model initialised from a large model's float artifact "
+                                    "(its weights and tokenizer)")
+    i.add_argument("--artifact", required=True, help="float artifact (e.g. depth-pruned by compress)")
+    i.add_argument("--out", required=True, help="checkpoint directory")
+    i.add_argument("--max-len", type=int, default=1024, help="positions (prompt + CoT + condensed)")
+    i.add_argument("--force", action="store_true", help="overwrite --out")
+    i.set_defaults(fn=cmd_init, resume=False)
 
     def condense_args(q):
         q.add_argument("--max-prompt", type=int, default=160, help="memory-model tokens of prompt kept")
@@ -338,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="copy a checkpoint for shipping (weights, config, tokenizer, lineage logs)")
     x.add_argument("checkpoint")
     x.add_argument("--out", default="memory_model/checkpoints/default")
+    x.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights as shipped")
     x.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("condense", help="condense one (prompt, chain-of-thought) pair")

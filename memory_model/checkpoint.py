@@ -2,7 +2,8 @@
 
     model.safetensors   weights (engine names; the tied output head is not stored twice)
     config.json         {"format": "memory-model/1", "model": MemoryModelConfig, "stage", "step", ...}
-    tokenizer.model     the sentencepiece model it was trained with
+    tokenizer.model     the sentencepiece model it was trained with, or
+    tokenizer.json      the large model's tokenizer plus control tokens (imported memory models)
     train_state.pt      optimizer + RNG state for --resume (tensors only, loaded weights_only)
     log.jsonl           the training log, one JSON object per logged step
 
@@ -24,12 +25,13 @@ from safetensors.torch import load_file, save_file
 from engine.model import Transformer
 
 from .model import MemoryModelConfig, build_model
-from .tokenizer import Tokenizer
+from .hf_tokenizer import HFTokenizer
+from .tokenizer import Framed, Tokenizer
 
 FORMAT = "memory-model/1"
 
 
-def save_checkpoint(out: Path, model: Transformer, cfg: MemoryModelConfig, tokenizer: Tokenizer, meta: dict,
+def save_checkpoint(out: Path, model: Transformer, cfg: MemoryModelConfig, tokenizer: Framed, meta: dict,
                     train_state: dict | None = None, log: list[dict] | None = None) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +42,7 @@ def save_checkpoint(out: Path, model: Transformer, cfg: MemoryModelConfig, token
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     meta = {k: v for k, v in meta.items() if k not in ("format", "model")}
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict(), **meta}, indent=2))
-    shutil.copy2(tokenizer.path, tmp / "tokenizer.model")
+    tokenizer.save(tmp)
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     if log is not None:
@@ -64,11 +66,11 @@ def read_config(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[Transformer, MemoryModelConfig, Tokenizer, dict]:
+                    ) -> tuple[Transformer, MemoryModelConfig, Framed, dict]:
     path = Path(path)
     meta = read_config(path)
     cfg = MemoryModelConfig.from_dict(meta["model"])
-    tok = Tokenizer(path / "tokenizer.model")
+    tok = load_tokenizer(path, cfg)
     if tok.vocab_size != cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tok.vocab_size} tokens, model expects {cfg.vocab_size}")
     model = build_model(cfg, seed=None)
@@ -81,8 +83,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), cfg, tok, meta
 
 
-def export_checkpoint(src: Path, dst: Path) -> list[str]:
-    """Copy a checkpoint for shipping: weights, config, tokenizer, and the training logs of
+def load_tokenizer(path: Path, cfg: MemoryModelConfig) -> Framed:
+    """The checkpoint's own sentencepiece model, or an imported model's tokenizer.json."""
+    if (path / HFTokenizer.FILE).is_file():
+        return HFTokenizer.load(path / HFTokenizer.FILE, cfg.bos_id, cfg.eos_id, cfg.pad_id)
+    return Tokenizer(path / Tokenizer.FILE)
+
+
+def export_checkpoint(src: Path, dst: Path, dtype: torch.dtype | None = None) -> list[str]:
+    """Copy a checkpoint for shipping: weights (cast to `dtype` if given: bf16 halves a 70M
+    model to 142 MB; loading casts back to fp32), config, tokenizer, and the training logs of
     it and of every checkpoint it was initialised from (following config "init"), named
     log-<stage>.jsonl; no optimizer state. Written atomically. Returns the stages found."""
     src, dst = Path(src), Path(dst)
@@ -90,8 +100,14 @@ def export_checkpoint(src: Path, dst: Path) -> list[str]:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in ("model.safetensors", "config.json", "tokenizer.model"):
+    tok = HFTokenizer.FILE if (src / HFTokenizer.FILE).is_file() else Tokenizer.FILE
+    for f in ("config.json", tok):
         shutil.copyfile(src / f, tmp / f)
+    if dtype is None:
+        shutil.copyfile(src / "model.safetensors", tmp / "model.safetensors")
+    else:
+        weights = {k: v.to(dtype).contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     stages, cur = [], src
     while cur is not None and (cur / "config.json").is_file():
         meta = read_config(cur)

@@ -27,7 +27,7 @@ import torch
 
 from . import problems as P
 from .cot import read_jsonl
-from .tokenizer import Tokenizer
+from .tokenizer import Framed
 
 _SKIP_DIRS = {"test", "tests", "site-packages", "idlelib", "lib2to3", "turtledemo"}
 
@@ -84,7 +84,7 @@ def load_texts(spec: str) -> dict[str, list[str]]:
     return out
 
 
-def token_stream(texts: list[str], tok: Tokenizer) -> torch.Tensor:
+def token_stream(texts: list[str], tok: Framed) -> torch.Tensor:
     """Documents as one stream: <bos> doc <eos> <bos> doc <eos> ..."""
     ids: list[int] = []
     for t in texts:
@@ -127,7 +127,7 @@ def refined_condensation(question: str, steps) -> str:
 TARGETS = ("extractive", "refined")
 
 
-def condense_examples(rows: list[dict], tok: Tokenizer, max_prompt: int, max_cot: int, max_out: int,
+def condense_examples(rows: list[dict], tok: Framed, max_prompt: int, max_cot: int, max_out: int,
                       target_kind: str = "extractive") -> list[tuple[list[int], int]]:
     """(token ids, index where the target starts) per example."""
     if target_kind not in TARGETS:

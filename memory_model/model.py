@@ -3,7 +3,8 @@ SwiGLU and tied embeddings, and an explicit KV cache passed to `forward`.
 
 It is the serving engine's own decoder (`engine.model.Transformer`, written in
 this repo and tested token-for-token against transformers) configured as plain MHA
-(n_kv_heads == n_heads). Sharing it means the memory model trains with the exact code
+(n_kv_heads == n_heads) for the from-scratch presets, or as the large model's own shape (GQA)
+when initialised from it (`init_from.import_artifact`). Sharing it means the memory model trains with the exact code
 that serves it, reuses `KVCache` / `prefill` / `decode_one_token` / `sample`, and can be
 int8-quantized like any artifact. This module adds what training needs: named presets,
 initialisation, and a loss.
@@ -12,6 +13,8 @@ Presets (vocab size comes from the tokenizer; parameter counts at vocab 8192 / 1
     mm-tiny  dim 64,  2 layers,  4 heads   (~0.6M: tests)
     mm-8m    dim 256, 8 layers,  8 heads   (~8.4M: the shipped CPU checkpoint)
     mm-70m   dim 640, 12 layers, 10 heads  (~70M at vocab 16384: the seed's size, for a GPU)
+A 70M memory model on a CPU budget is instead imported: SmolLM2-135M depth-pruned to 12 of its
+30 blocks (`compress ... depth(n=18)`, then `python -m memory_model init`), ~70.8M parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class MemoryModelConfig:
     vocab_size: int = 8192  # set from the tokenizer
     dim: int = 256  # residual width
     n_layers: int = 8
-    n_heads: int = 8  # query = key/value heads (MHA)
+    n_heads: int = 8  # query heads
+    n_kv_heads: int | None = None  # key/value heads: None = n_heads (MHA, the presets); fewer (GQA) when imported
     hidden_dim: int = 688  # SwiGLU width, ~8/3 * dim rounded to a multiple of 16
     max_len: int = 1024  # longest (prompt + chain-of-thought + condensed) sequence
     rope_theta: float = 10000.0
@@ -47,7 +51,7 @@ class MemoryModelConfig:
 
     def to_model_args(self) -> ModelArgs:
         return ModelArgs(arch="llama", vocab_size=self.vocab_size, dim=self.dim, n_layers=self.n_layers,
-                         n_heads=self.n_heads, n_kv_heads=self.n_heads, head_dim=self.head_dim,
+                         n_heads=self.n_heads, n_kv_heads=self.n_kv_heads or self.n_heads, head_dim=self.head_dim,
                          hidden_dim=self.hidden_dim, norm_eps=self.norm_eps,
                          rope_theta=[self.rope_theta] * self.n_layers, max_position_embeddings=self.max_len,
                          tie_embeddings=True, bos_token_id=self.bos_id, eos_token_ids=[self.eos_id])

@@ -1,6 +1,8 @@
-"""The memory model's own sentencepiece tokenizer.
+"""The memory model's tokenizers: its own sentencepiece model (from-scratch presets) or, for a
+memory model initialised from a large model, that model's Hugging Face tokenizer
+(`hf_tokenizer.HFTokenizer`). Both frame the task the same way (`Framed`).
 
-BPE with byte fallback (any text encodes, nothing maps to <unk>), digits split one per
+The sentencepiece model: BPE with byte fallback (any text encodes, nothing maps to <unk>), digits split one per
 token (arithmetic copies digit by digit instead of memorising numbers), identity
 normalisation (the condensed prompt is re-read by another model: text must round-trip),
 and three control tokens that frame the memory model's task:
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,7 +50,47 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 8192,
     return out
 
 
-class Tokenizer:
+class Framed:
+    """The condense framing both tokenizers share. Subclasses set the special ids and
+    implement encode / decode / save."""
+
+    FILE = ""  # the file name a checkpoint stores it under
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    prompt_id: int
+    cot_id: int
+    condensed_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def condense_input(self, prompt: str, cot: str, max_prompt: int, max_cot: int) -> list[int]:
+        """Policy input. Over-long parts are cut from the middle of the prompt (its start states
+        the task, its end the question) and from the start of the chain-of-thought (its
+        latest steps matter most)."""
+        p, c = self.encode(prompt), self.encode(cot)
+        if len(p) > max_prompt:
+            half = max_prompt // 2
+            p = p[:half] + p[len(p) - (max_prompt - half):]
+        if len(c) > max_cot:
+            c = c[len(c) - max_cot:]
+        return [self.bos_id, self.prompt_id, *p, self.cot_id, *c, self.condensed_id]
+
+
+class Tokenizer(Framed):
+    FILE = "tokenizer.model"
+
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
@@ -71,14 +114,5 @@ class Tokenizer:
         specials = {self.pad_id, self.bos_id, self.eos_id, self.prompt_id, self.cot_id, self.condensed_id}
         return self.sp.decode([i for i in ids if i not in specials])
 
-    def condense_input(self, prompt: str, cot: str, max_prompt: int, max_cot: int) -> list[int]:
-        """Policy input. Over-long parts are cut from the middle of the prompt (its start states
-        the task, its end the question) and from the start of the chain-of-thought (its
-        latest steps matter most)."""
-        p, c = self.encode(prompt), self.encode(cot)
-        if len(p) > max_prompt:
-            half = max_prompt // 2
-            p = p[:half] + p[len(p) - (max_prompt - half):]
-        if len(c) > max_cot:
-            c = c[len(c) - max_cot:]
-        return [self.bos_id, self.prompt_id, *p, self.cot_id, *c, self.condensed_id]
+    def save(self, directory: Path) -> None:
+        shutil.copy2(self.path, Path(directory) / self.FILE)

@@ -22,7 +22,7 @@ from engine.model import Transformer
 
 from .checkpoint import load_train_state, read_log, save_checkpoint
 from .model import MemoryModelConfig, lm_loss
-from .tokenizer import Tokenizer
+from .tokenizer import Framed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -72,7 +72,7 @@ def evaluate_loss(model: Transformer, batches: list[Batch], precision: str = "au
     return sum(losses) / len(losses)
 
 
-def train(model: Transformer, cfg: MemoryModelConfig, tok: Tokenizer, tc: TrainConfig,
+def train(model: Transformer, cfg: MemoryModelConfig, tok: Framed, tc: TrainConfig,
           next_batch: Callable[[torch.Generator], Batch], val_batches: list[Batch], out: Path, meta: dict,
           resume: bool = False, progress: bool = True) -> list[dict]:
     """Train in place; checkpoints go to `out`. Returns the log."""
