@@ -170,8 +170,8 @@ def bench_metric(res: dict, conc: int, key: str) -> float | None:
     return None
 
 
-def ratio_table(ours: dict, peer: dict, concurrency: list[int], turns: dict) -> str:
-    rows = ["| | ours | llama.cpp | ours / llama.cpp |", "|---|---:|---:|---:|"]
+def ratio_table(ours: dict, peer: dict, concurrency: list[int], turns: dict, label: str = "ours") -> str:
+    rows = [f"| | {label} | llama.cpp | {label} / llama.cpp |", "|---|---:|---:|---:|"]
     for conc in concurrency:
         for name, key, scale in (("TTFT median ms", "ttft_s.median", 1000), ("TPOT median ms", "tpot_s.median", 1000),
                                  ("output tok/s", "output_throughput", 1)):
@@ -179,14 +179,14 @@ def ratio_table(ours: dict, peer: dict, concurrency: list[int], turns: dict) -> 
             if a is not None and b:
                 rows.append(f"| concurrency {conc}: {name} | {a * scale:.1f} | {b * scale:.1f} | {a / b:.2f}x |")
     for k in ("first_turn_ttft_s", "second_turn_ttft_s"):
-        rows.append(f"| multi-turn: {k.replace('_', ' ')} | {turns['ours'][k] * 1000:.0f} ms | "
-                    f"{turns['llama.cpp'][k] * 1000:.0f} ms | {turns['ours'][k] / turns['llama.cpp'][k]:.2f}x |")
-    rows.append(f"| multi-turn: second / first turn TTFT | {turns['ours']['ratio']:.2f} | "
+        rows.append(f"| multi-turn: {k.replace('_', ' ')} | {turns[label][k] * 1000:.0f} ms | "
+                    f"{turns['llama.cpp'][k] * 1000:.0f} ms | {turns[label][k] / turns['llama.cpp'][k]:.2f}x |")
+    rows.append(f"| multi-turn: second / first turn TTFT | {turns[label]['ratio']:.2f} | "
                 f"{turns['llama.cpp']['ratio']:.2f} | |")
     return "\n".join(rows)
 
 
-def engine_only(bench_exe: str, gguf: Path, artifact: str, threads: int, out: Path) -> int:
+def engine_only(bench_exe: str, gguf: Path, artifact: str, threads: int, out: Path, compiled: bool = False) -> int:
     """The engines alone, batch 1 (the issue's Gemma target): llama-bench pp128 / tg64 on the
     GGUF vs our engine's prefill of 128 tokens / 64 greedy decode steps on the artifact, same
     threads, one after the other."""
@@ -204,13 +204,38 @@ def engine_only(bench_exe: str, gguf: Path, artifact: str, threads: int, out: Pa
     prompt = torch.randint(10, model.args.vocab_size - 10, (128,), generator=torch.Generator().manual_seed(0))
     ours = latency(model, prompt.tolist(), 64, 3)
     ours = {"prefill": ours["prefill_tok_s"], "decode": ours["decode_tok_s"]}
-    table = "\n".join(["| engine alone, batch 1 | ours | llama.cpp | ours / llama.cpp |", "|---|---:|---:|---:|"] + [
-        f"| {k} tok/s ({'128-token prompt' if k == 'prefill' else '64 tokens'}) | {ours[k]:.1f} | {peer[k]:.1f} | "
-        f"{ours[k] / peer[k]:.2f}x |" for k in ("prefill", "decode")])
+    rows = [f"| {k} tok/s ({'128-token prompt' if k == 'prefill' else '64 tokens'}) | {ours[k]:.1f} | {peer[k]:.1f} | "
+            f"{ours[k] / peer[k]:.2f}x |" for k in ("prefill", "decode")]
+    if compiled:
+        ours["decode_compiled"], ours["compile_s"] = compiled_decode_tok_s(model, prompt.tolist(), 64, 3)
+        rows.append(f"| decode tok/s, compiled step (--compile; {ours['compile_s']:.0f} s to compile) | "
+                    f"{ours['decode_compiled']:.1f} | {peer['decode']:.1f} | {ours['decode_compiled'] / peer['decode']:.2f}x |")
+    table = "\n".join(["| engine alone, batch 1 | ours | llama.cpp | ours / llama.cpp |", "|---|---:|---:|---:|"] + rows)
     print(table)
     write_json({"artifact": artifact, "gguf": str(gguf), "threads": threads, "ours": ours, "llama.cpp": peer,
                 "table": table}, out)
     return 0
+
+
+def compiled_decode_tok_s(model, prompt: list[int], decode_tokens: int, repeats: int) -> tuple[float, float]:
+    """Batch-1 greedy decode through the batch engine with the compiled step (what `--compile`
+    serves): median tok/s over `repeats` runs after one warm-up, and the compile seconds."""
+    from engine.batching import BatchConfig, BatchEngine, Sequence
+    from engine.compiled import CompiledDecode
+    from engine.generate import SamplingParams
+
+    compile_s = CompiledDecode(model).warm_up(1)
+    engine = BatchEngine(model, BatchConfig(max_num_seqs=1, prefill_chunk=len(prompt), compile=True))
+    times = []
+    for _ in range(repeats + 1):
+        engine.add(Sequence(prompt, SamplingParams(max_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True),
+                            set()))
+        engine.step()  # prefill + the first token
+        t0 = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        times.append(time.perf_counter() - t0)
+    return decode_tokens / sorted(times[1:])[repeats // 2], compile_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "vs_llamacpp.json")
     p.add_argument("--plot", type=Path)
     p.add_argument("--table-only", action="store_true", help="reprint the ratio table of an earlier --out file")
+    p.add_argument("--compile", action="store_true", help="also measure our server with --compile (the decode "
+                   "step as one compiled graph), in the same run; with --engine-only, the compiled batch-1 decode")
     p.add_argument("--engine-only", action="store_true",
                    help="no servers: llama-bench vs our engine's batch-1 prefill/decode (e.g. Gemma-3-270M)")
     a = p.parse_args(argv)
@@ -240,19 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     server_exe, bench_exe, src = llamacpp_bins(cache)
     gguf = a.gguf or convert_gguf(src, ensure_hf_dir(a.source), cache / f"{a.source}-{a.outtype}.gguf", a.outtype)
     if a.engine_only:
-        return engine_only(bench_exe, gguf, a.artifact, a.threads, a.out)
+        return engine_only(bench_exe, gguf, a.artifact, a.threads, a.out, a.compile)
     if a.build_only:
         print(f"llama-server: {server_exe}\ngguf: {gguf}")
         return 0
     work = Path(tempfile.mkdtemp(prefix="vs_llamacpp-"))
     results, turns = {}, {}
-    ours = ServerProcess(["--artifact", f"m={a.artifact}", "--threads", str(a.threads), "--max-num-seqs", str(a.slots),
-                          "--max-model-len", str(a.ctx), "--max-queue", "64", "--memory-model", "none"])
-    try:
-        results["ours"] = run_bench(ours.url, "ours", conc, a, work / "ours.json")
-        turns["ours"] = multi_turn(ours.url)
-    finally:
-        ours.close()
+    variants = {"ours": []} | ({"ours --compile": ["--compile"]} if a.compile else {})
+    for i, (label, extra) in enumerate(variants.items()):
+        ours = ServerProcess(["--artifact", f"m={a.artifact}", "--threads", str(a.threads), "--max-num-seqs",
+                              str(a.slots), "--max-model-len", str(a.ctx), "--max-queue", "64", "--memory-model", "none",
+                              *extra], timeout=900)  # --compile compiles before it answers /health
+        try:
+            results[label] = run_bench(ours.url, label.replace(" --", "-"), conc, a, work / f"ours-{i}.json")
+            turns[label] = multi_turn(ours.url)
+        finally:
+            ours.close()
     peer = LlamaServer(server_exe, ["-m", str(gguf), "-t", str(a.threads), "-tb", str(a.threads),
                                     "-c", str(a.ctx * a.slots), "-np", str(a.slots), "--no-webui"])
     try:
@@ -260,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         turns["llama.cpp"] = multi_turn(peer.url)
     finally:
         peer.close()
-    table = ratio_table(results["ours"], results["llama.cpp"], conc, turns)
+    table = "\n\n".join(ratio_table(results[label], results["llama.cpp"], conc, turns, label) for label in variants)
     print(table)
     write_json({"settings": {k: str(v) for k, v in vars(a).items()}, "gguf": str(gguf), "table": table,
                 "multi_turn": turns, "bench": results}, a.out)
     if a.plot:
         from clients.bench_plot import plot
 
-        plot([results["ours"], results["llama.cpp"]], a.plot)
+        plot([results[label] for label in variants] + [results["llama.cpp"]], a.plot)
     return 0
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compiled import CompiledDecode
 from .generate import SamplingParams, StepOutput, constrained_sample, make_generator, row_end, token_logprobs
 from .grammar import RowGrammars
 from .kv_cache import SlotKVCache
@@ -41,6 +42,7 @@ from .prefix_cache import PrefixCache
 class BatchConfig:
     max_num_seqs: int = 8  # cache rows (slots) decoded together; a request with n samples takes n
     prefill_chunk: int = 256  # prompt tokens prefilled per step, over all admitted prompts
+    compile: bool = False  # decode steps as one compiled graph (engine/compiled.py) where the model allows
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.prefill_chunk < 1:
@@ -97,6 +99,7 @@ class BatchEngine:
         self.free = list(range(self.cfg.max_num_seqs))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted (prefilling or decoding), in admission order
+        self.decoder = CompiledDecode(model) if self.cfg.compile and CompiledDecode.supports(model) else None
 
     def add(self, seq: Sequence) -> None:
         p = seq.params
@@ -178,9 +181,12 @@ class BatchEngine:
         """One forward for every live row of `seqs`, then each sequence samples its rows."""
         rows = sorted((seq.slots[i], seq, i) for seq in seqs for i in seq.live())  # by slot: a view when contiguous
         slots = [r[0] for r in rows]
-        self.cache.reserve(max(self.cache.lens[s] for s in slots) + 1)
-        ids = torch.tensor([[seq.last[i]] for _, seq, i in rows], device=self.model.device)
-        logits = self.model.forward_rows(ids, self.cache.view(slots), last_only=True)[:, -1]  # (B, V)
+        if self.decoder is not None:
+            logits = self.decoder(self.cache, {slot: seq.last[i] for slot, seq, i in rows})  # (B, V), slot order
+        else:
+            self.cache.reserve(max(self.cache.lens[s] for s in slots) + 1)
+            ids = torch.tensor([[seq.last[i]] for _, seq, i in rows], device=self.model.device)
+            logits = self.model.forward_rows(ids, self.cache.view(slots), last_only=True)[:, -1]  # (B, V)
         out = {}
         for seq in seqs:
             at = [j for j, (_, s, _) in enumerate(rows) if s is seq]

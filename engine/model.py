@@ -301,8 +301,12 @@ class Transformer(nn.Module):
         see: later positions, another row's longer history (stale cache), and keys outside
         a sliding window."""
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)  # (B, T)
+        return self.inputs_at(pos, torch.arange(max(starts) + t, device=device))
+
+    def inputs_at(self, pos: torch.Tensor, k_pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`row_inputs` from tensors: pos (B, T) the new tokens' positions, k_pos = arange(S) the
+        keys' (what the compiled decode step traces, with S its one dynamic size)."""
         q_pos = pos[:, :, None]  # (B, T, 1)
-        k_pos = torch.arange(max(starts) + t, device=device)  # (S,)
         masks = {}
         for w in set(self.args.sliding_window):
             m = k_pos <= q_pos

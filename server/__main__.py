@@ -95,6 +95,9 @@ def build_parser(prog: str = "python -m server", description: str | None = None)
                    help="sequences decoded together (continuous batching); a request with n samples takes n")
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
                    help="prompt tokens prefilled per batch step, so running streams keep emitting")
+    p.add_argument("--compile", action="store_true",
+                   help="decode steps as one torch.compile graph per model (compiled at start-up, before the "
+                        "server admits requests; models with CHAI layers and ONNX artifacts stay eager)")
     p.add_argument("--prefix-cache-mb", type=int, default=d.prefix_cache_mb,
                    help="memory for KV of recent prompts + answers, reused by later prompts sharing a prefix "
                         "(the next chat turn, a common system prompt); least recently used evicted; 0 disables")
@@ -151,7 +154,7 @@ def to_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
     return ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
-                           max_num_seqs=a.max_num_seqs, prefill_chunk=a.prefill_chunk,
+                           max_num_seqs=a.max_num_seqs, prefill_chunk=a.prefill_chunk, compile=a.compile,
                            prefix_cache_mb=a.prefix_cache_mb,
                            max_tokens_default=a.max_tokens_default, threads=a.threads,
                            max_kv_cache_mb=a.max_kv_cache_mb,

@@ -58,6 +58,8 @@ class AppState:
                 models[name] = load_model(path, name, self.cfg.max_model_len, self.cfg.verify_checksums)
             if not models:
                 raise ValueError("no artifact configured")
+            if self.cfg.compile:
+                self._compile(models)
             memory = None
             if self.cfg.memory_model:
                 from memory_model.condense import MemoryModel
@@ -70,6 +72,18 @@ class AppState:
         except Exception as e:  # surfaced on /health and on every request
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
+
+
+    def _compile(self, models: dict) -> None:
+        """Compile each model's decode step before requests are admitted (the first user does
+        not wait for it)."""
+        from engine.compiled import CompiledDecode
+
+        for name, lm in models.items():
+            if CompiledDecode.supports(lm.model):
+                s = CompiledDecode(lm.model).warm_up(self.cfg.max_num_seqs)
+                self.metrics.compile_seconds.labels(name).set(s)
+                log.info("compiled %s's decode step in %.1fs", name, s)
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):

@@ -16,6 +16,7 @@ class ServerConfig:
     max_queue: int = 16  # requests waiting for a free row; more get 429
     max_num_seqs: int = 8  # rows (sequences) decoded together in one batch; a request with n samples takes n
     prefill_chunk: int = 256  # prompt tokens prefilled per batch step, so running streams keep emitting
+    compile: bool = False  # decode steps as one torch.compile graph (engine/compiled.py), compiled at start-up
     prefix_cache_mb: int = 256  # KV of recent prompts and answers, reused by prompts that share a prefix; 0 = off
     max_tokens_default: int | None = None  # when a request sets no max_tokens; None = rest of the window
     max_kv_cache_mb: int = 2048  # per request: n x (prompt + max_tokens) x KV bytes/token must fit

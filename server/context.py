@@ -44,7 +44,7 @@ class ServingContext:
                profiles: ProfileManager | None = None) -> ServingContext:
         prefix = PrefixCache(cfg.prefix_cache_mb * 2**20) if cfg.prefix_cache_mb > 0 else None
         metrics.watch_prefix_cache(prefix)
-        batch = BatchConfig(cfg.max_num_seqs, cfg.prefill_chunk)
+        batch = BatchConfig(cfg.max_num_seqs, cfg.prefill_chunk, cfg.compile)
         return cls(models, cfg, metrics, profiles or default_profiles(cfg, metrics),
                    Scheduler(cfg.max_queue, metrics.set_queue_state, batch, prefix), memory)
 

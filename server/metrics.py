@@ -44,6 +44,8 @@ class Metrics:
         self.profile = Gauge("hybrid_power_profile", "1 for the active power profile", ["profile"], registry=r)
         self.threads = Gauge("hybrid_torch_threads", "torch threads of the generation worker (last job)",
                              registry=r)
+        self.compile_seconds = Gauge("hybrid_decode_compile_seconds", "start-up time spent compiling a model's "
+                                     "decode step (--compile)", ["model"], registry=r)
         self.power_source = Gauge("hybrid_power_source", "1 for the detected power source", ["source"], registry=r)
         self._prefix = _PrefixCacheCollector()
         r.register(self._prefix)

@@ -1,0 +1,100 @@
+"""The continuous-batching decode step as one torch.compile (inductor) graph.
+
+Why: at batch 1 about 40% of a SmolLM2 token's time was ~1,600 small ops (dtype casts, RoPE,
+norms, residuals, KV writes) at a few microseconds each; compiling each block separately was
+slower (the guards of 90 compiled callables cost more than the fusion saved). Here the whole
+step is one graph (gpt-fast's design), with shapes that do not change from step to step:
+
+  - every slot of the cache is decoded, running or not (B = max_num_seqs, fixed): a free or
+    prefilling row computes a throw-away token, written past its valid length (the last
+    reserved position), so no row's data changes and the graph never sees a new batch size.
+    The weights dominate a CPU step's memory traffic, so idle rows cost little;
+  - positions, the keys each row may see and the RoPE rows are tensors, not Python ints, and
+    the attended length S is the only dynamic dimension (compiled once, symbolically).
+
+Prefill, models with CHAI layers and ONNX sessions keep the eager path. Compiling costs tens
+of seconds, paid by `warm_up` at start-up, not by the first request.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .kv_cache import SlotKVCache
+from .model import Transformer
+
+
+class _Slots:
+    """The `KVCache` interface `Transformer._run` calls, over every slot of a SlotKVCache, with
+    write positions as a tensor."""
+
+    def __init__(self, ks: list[torch.Tensor], vs: list[torch.Tensor], pos: torch.Tensor, n_keys: int):
+        self.ks, self.vs, self.pos, self.n = ks, vs, pos, n_keys
+        self.rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # advanced indices around a slice put their dims first: the target is (B, 1, heads, hd)
+        self.ks[layer][self.rows, :, self.pos[:, None]] = k.transpose(1, 2)
+        self.vs[layer][self.rows, :, self.pos[:, None]] = v.transpose(1, 2)
+        return self.ks[layer][:, :, :self.n], self.vs[layer][:, :, :self.n]
+
+    def advance(self, n: int) -> None:
+        pass  # the caller keeps the lengths
+
+
+def _step(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+          ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+    """ids (B, 1) at positions pos (B,), each row seeing keys [0, pos]; keys = arange(S)."""
+    return model._run(ids, model.inputs_at(pos[:, None], keys), _Slots(ks, vs, pos, keys.shape[0]), True)[:, -1]
+
+
+_compiled = None
+
+
+def _compiled_step():
+    """One compiled callable for the process: dynamo keeps its graphs (one per model) on it, so
+    every engine made later reuses what `warm_up` compiled."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_step, dynamic=True, fullgraph=True)
+    return _compiled
+
+
+class CompiledDecode:
+    def __init__(self, model: Transformer):
+        if not self.supports(model):
+            raise ValueError("the compiled decode step needs an engine Transformer without CHAI layers")
+        self.model = model
+        self.fn = _compiled_step()
+
+    @staticmethod
+    def supports(model) -> bool:
+        return isinstance(model, Transformer) and not any(blk.attn.chai for blk in model.layers)
+
+    def __call__(self, cache: SlotKVCache, tokens: dict[int, int]) -> torch.Tensor:
+        """Next-token logits (len(tokens), V) for the rows in `tokens` (slot -> last token), in
+        slot order; every row in `tokens` advances by one position."""
+        dev = self.model.device
+        rows = sorted(tokens)
+        end = max(cache.lens[r] for r in rows) + 1
+        cache.reserve(max(max(cache.lens) + 1, end))  # room past every row: idle rows write there
+        idle = cache.capacity - 1
+        pos = torch.tensor([cache.lens[s] if s in tokens else idle for s in range(cache.slots)], device=dev)
+        ids = torch.tensor([[tokens.get(s, 0)] for s in range(cache.slots)], device=dev)
+        logits = self.fn(self.model, ids, pos, torch.arange(end, device=dev), cache.k, cache.v)
+        for r in rows:
+            cache.lens[r] += 1
+        return logits[rows]
+
+    def warm_up(self, slots: int) -> float:
+        """Compile now, on a throw-away cache of `slots` rows (the batch size every step will
+        have), at two lengths (the second must not recompile). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        cache = self.model.new_slot_cache(slots)
+        cache.lens[0] = 2  # a decode follows a prefill: never 1 key, a size dynamo would specialize on
+        with torch.inference_mode():
+            for _ in range(2):
+                self(cache, {0: 0})
+        return time.perf_counter() - t0

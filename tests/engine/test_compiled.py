@@ -1,0 +1,91 @@
+"""The compiled decode step (engine/compiled.py, `--compile`): the batch engine gives the same
+tokens compiled as eager and as each request alone, whoever joins, finishes or is cancelled;
+idle rows leave every row's cache intact; after `warm_up` serving never compiles again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.build import load_hf_dir
+from engine.batching import BatchConfig, BatchEngine, Sequence
+from engine.compiled import CompiledDecode
+from engine.config import ModelArgs
+from engine.loader import build_model
+from tests.engine.test_batching import _prompt, alone, greedy, run
+from tests.helpers import tiny_chai_model
+
+SLOTS = 3  # one batch size for the module: one graph per model
+
+
+@pytest.fixture(scope="module", params=["llama_dir", "gemma_dir"])
+def model(request):
+    config, state = load_hf_dir(request.getfixturevalue(request.param))
+    m = build_model(ModelArgs.from_hf_config(config), state, max_len=128)
+    CompiledDecode(m).warm_up(SLOTS)
+    return m
+
+
+def compiled_engine(model) -> BatchEngine:
+    engine = BatchEngine(model, BatchConfig(max_num_seqs=SLOTS, prefill_chunk=64, compile=True))
+    assert engine.decoder is not None
+    return engine
+
+
+def test_compiled_batch_equals_each_request_alone(model):
+    v = model.args.vocab_size
+    specs = [(_prompt(5, v), greedy(12)), (_prompt(17, v), greedy(3)), (_prompt(9, v), greedy(20)),
+             (_prompt(30, v), greedy(7)), (_prompt(6, v), greedy(10, n=2))]
+    seqs = [Sequence(p, sp, set()) for p, sp in specs]
+    got = run(compiled_engine(model), {0: seqs[:3], 4: seqs[3:]})  # late joiners wait for free slots
+    for seq, (p, sp) in zip(seqs, specs):
+        assert got[seq] == alone(model, p, sp)
+
+
+def test_cancelled_row_leaves_the_others_exact(model):
+    v = model.args.vocab_size
+    specs = [(_prompt(6, v), greedy(15)), (_prompt(13, v), greedy(15)), (_prompt(4, v), greedy(6))]
+    a, b, c = (Sequence(p, sp, set()) for p, sp in specs)
+
+    def cancel_a(step, outs):
+        if step == 3:
+            a.cancel.set()
+
+    got = run(compiled_engine(model), {0: [a, b], 2: [c]}, cancel_a)
+    assert got[a][0] == alone(model, *specs[0])[0][:4]
+    assert got[b] == alone(model, *specs[1]) and got[c] == alone(model, *specs[2])
+
+
+def test_idle_rows_do_not_touch_valid_positions(model):
+    """A row being prefilled (not decoding) holds valid keys; the compiled step writes its
+    throw-away token past every row's length."""
+    v = model.args.vocab_size
+    with torch.inference_mode():
+        cache = model.new_slot_cache(SLOTS)
+        for row, n in [(0, 7), (1, 11)]:
+            cache.reserve(n)
+            model.forward_rows(torch.tensor([_prompt(n, v)]), cache.view([row]))
+        before = [t[:, :, :11].clone() for t in cache.k + cache.v]
+        CompiledDecode(model)(cache, {0: 5})
+    assert cache.lens == [8, 11, 0]
+    for b, t in zip(before, cache.k + cache.v):
+        assert torch.equal(t[1:, :, :11], b[1:])  # rows 1 and 2 unchanged
+        assert torch.equal(t[0, :, :7], b[0, :, :7])  # row 0 only gained position 7
+
+
+def test_serving_after_warm_up_never_compiles(model):
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    v = model.args.vocab_size
+    seqs = [Sequence(_prompt(n, v), greedy(9), set()) for n in (3, 40, 12)]
+    run(compiled_engine(model), {0: seqs[:1], 2: seqs[1:]})
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_chai_models_stay_eager(llama_dir):
+    m = tiny_chai_model(llama_dir, 64)
+    assert not CompiledDecode.supports(m)
+    assert BatchEngine(m, BatchConfig(compile=True)).decoder is None
+    with pytest.raises(ValueError, match="CHAI"):
+        CompiledDecode(m)
