@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean memory-model reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq serve-reasoning docker docker-smoke
+.PHONY: setup serve test test-fast clean memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq serve-reasoning docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -73,6 +73,32 @@ reasoning-model: setup
 	$(BIN)/python -m memory_model sft --init memory_model/checkpoints/default --data data/mm-svamp/train.jsonl \
 		--synthetic 0 --target extractive --out $(MM)/mm-8m-svamp-sft --steps 300 --batch-size 16 --lr 3e-4 --warmup 20 \
 		--eval-every 100 --force
+
+# The 70M memory model (issue 16's route; about 20 minutes on 2 CPU cores after reasoning-model):
+# the task-tuned SmolLM2 depth-pruned to 12 of its 30 blocks (70.8M parameters), imported with its
+# own tokenizer, then the same supervised warm start on its SVAMP-train chain-of-thought.
+MM70 ?= $(MM)/mm-70m-svamp-sft
+memory-model-70m: reasoning-model
+	test -f artifacts/smollm2-svamp-depth12-f32/manifest.json || $(BIN)/python -m compress build \
+		--model-dir artifacts/smollm2-135m-svamp-f32 --recipe "depth(n=18,metric=ppl,protect_first=2,protect_last=1)" \
+		--out artifacts/smollm2-svamp-depth12-f32
+	$(BIN)/python -m memory_model init --artifact artifacts/smollm2-svamp-depth12-f32 --out $(MM)/mm-70m-init --force
+	$(BIN)/python -m memory_model sft --init $(MM)/mm-70m-init --data data/mm-svamp/train.jsonl --synthetic 0 \
+		--target extractive --out $(MM70) --steps 400 --batch-size 8 --lr 2e-4 --warmup 20 --eval-every 100 \
+		--save-every 100 --force
+	$(BIN)/python -m memory_model eval --large $(REASON) --data data/mm-svamp/heldout.jsonl \
+		--policy mm70-sft=$(MM70) --policy mm8-sft=$(MM)/mm-8m-svamp-sft --max-new 100 \
+		--json results/mm_svamp_diagnostics_70m.json
+
+reasoning-eval-70m: memory-model-70m
+	test -f artifacts/smollm2-135m-svamp-gptq/manifest.json || $(BIN)/python -m compress build \
+		--model-dir artifacts/smollm2-135m-svamp-f32 --recipe "gptq(bits=4,group_size=128)" \
+		--out artifacts/smollm2-135m-svamp-gptq
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model $(MM70) \
+		--data svamp-dev --loops 3 --groups 1 --group-tokens 24 --condense-tokens 100 --answer-tokens 12 \
+		--compare-artifact 4bit=artifacts/smollm2-135m-svamp-gptq --compare "full CoT" --compare "hybrid, 1" \
+		--only "full CoT" --only hybrid --only memory --only trunc --only 4bit \
+		--json results/reasoning_eval_svamp_mm70.json
 
 reasoning-eval: reasoning-model
 	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft \

@@ -161,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--max-tokens-default", "512"] + (["--threads", str(a.threads)] if a.threads else [])
         srv = ServerProcess(args)
     results, per_problem = {}, {}
+
+    def save() -> None:  # after every condition: an interrupted run keeps what it measured
+        if a.json:
+            write_json({"settings": {k: v for k, v in vars(a).items() if k != "json"}, "summary": results,
+                        "problems": per_problem}, a.json)
+
     try:
         with httpx.Client(base_url=a.url or srv.url, timeout=600) as client:
             for data in sets:
@@ -178,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                     s = results[data][name]
                     print(f"{data} | {name}: {s['accuracy']:.1%} ({s['correct']}/{s['n']}), median "
                           f"{s['latency_median_s']:.2f}s, peak ctx {s['peak_context_mean']:.0f}", flush=True)
+                    save()
     finally:
         if srv is not None:
             srv.close()
     print(table(results))
-    if a.json:
-        write_json({"settings": {k: v for k, v in vars(a).items() if k != "json"}, "summary": results,
-                            "problems": per_problem}, a.json)
+    save()
     return 0
 
 
