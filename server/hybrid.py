@@ -34,6 +34,7 @@ from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.events import Delta, Event, Reasoning, Stats, TokenStep, Usage
 from engine.generate import SamplingParams, decode_one_token, make_generator, prefill
 from engine.grammar import RowGrammars
+from engine.lookup import accepted, propose
 from engine.runner import LoadedModel
 from engine.sampling import sample
 from memory_model.condense import MemoryModel
@@ -109,6 +110,16 @@ class PrefixKV:
         self.ids.append(token)
         return decode_one_token(self.model, torch.tensor([token], device=self.model.device), self.cache)
 
+    def extend(self, tokens: list[int]) -> torch.Tensor:
+        """Feed several tokens at once: logits (len(tokens), V), row i predicting after tokens[i]."""
+        self.ids += tokens
+        return self.model(torch.tensor([tokens], device=self.model.device), self.cache)[0]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions (drop a rejected draft)."""
+        self.cache.rewind(n)
+        del self.ids[n:]
+
 
 def _decode(kv: PrefixKV, ids: list[int], max_new: int, eos: set[int], pick: Callable[[torch.Tensor], int],
             cancel: threading.Event) -> Iterator[int]:
@@ -123,6 +134,30 @@ def _decode(kv: PrefixKV, ids: list[int], max_new: int, eos: set[int], pick: Cal
         yield tok
         if i < max_new - 1:
             logits = kv.step(tok)
+
+
+def _lookup_decode(kv: PrefixKV, ids: list[int], max_new: int, eos: set[int], cancel: threading.Event,
+                   draft_tokens: int = 8) -> Iterator[int]:
+    """`_decode` with greedy picks, checking prompt-lookup drafts (engine/lookup.py) several
+    tokens per forward; the same tokens."""
+    tok, n = int(kv.feed(ids)[0].argmax()), 0
+    while not cancel.is_set() and tok not in eos:
+        yield tok
+        n += 1
+        if n >= max_new:
+            return
+        draft = propose(kv.ids + [tok], min(draft_tokens, max_new - n))
+        greedy = kv.extend([tok] + draft).argmax(-1).tolist()
+        m = accepted(draft, greedy)
+        kv.truncate(len(kv.ids) - (len(draft) - m))
+        for t in draft[:m]:
+            if cancel.is_set() or t in eos:
+                return
+            yield t
+            n += 1
+            if n >= max_new:
+                return
+        tok = greedy[m]
 
 
 def context_budget(n_prompt: int, hp: HybridParams, answer_tokens: int) -> int:
@@ -148,9 +183,10 @@ class Condenser:
         """The condensation token by token: None after each one (a point where the worker may
         step the batch), the text as the generator's return value."""
         ids = self.mm.input_ids(prompt, cot)
-        pick = lambda lg: int(lg[0].argmax())  # noqa: E731
         out = []
-        for tok in _decode(self.kv, ids, self.mm.budget(ids, max_tokens), {self.mm.cfg.eos_id}, pick, cancel):
+        # a condensed prompt mostly restates its input: prompt-lookup drafts decode it several
+        # tokens per forward, with the same greedy output
+        for tok in _lookup_decode(self.kv, ids, self.mm.budget(ids, max_tokens), {self.mm.cfg.eos_id}, cancel):
             out.append(tok)
             yield None
         self.stats.small.completion_tokens += len(out)
