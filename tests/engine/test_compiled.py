@@ -15,7 +15,7 @@ from engine.loader import build_model
 from tests.engine.test_batching import _prompt, alone, greedy, run
 from tests.helpers import tiny_chai_model
 
-SLOTS = 3  # one batch size for the module: one graph per model
+SLOTS = 3  # batches of 1, 2 and 3 rows: the B = 1 graph and the B >= 2 one
 
 
 @pytest.fixture(scope="module", params=["llama_dir", "gemma_dir"])
@@ -57,20 +57,21 @@ def test_cancelled_row_leaves_the_others_exact(model):
 
 
 def test_idle_rows_do_not_touch_valid_positions(model):
-    """A row being prefilled (not decoding) holds valid keys; the compiled step writes its
-    throw-away token past every row's length."""
+    """Slot 0 is being prefilled (not decoding) and holds valid keys; slot 1 decodes. The
+    compiled step runs slots [0, 2) and writes slot 0's throw-away token past every row's
+    length; slot 2, above the batch, is not touched."""
     v = model.args.vocab_size
     with torch.inference_mode():
         cache = model.new_slot_cache(SLOTS)
-        for row, n in [(0, 7), (1, 11)]:
+        for row, n in [(0, 7), (1, 11), (2, 4)]:
             cache.reserve(n)
             model.forward_rows(torch.tensor([_prompt(n, v)]), cache.view([row]))
-        before = [t[:, :, :11].clone() for t in cache.k + cache.v]
-        CompiledDecode(model)(cache, {0: 5})
-    assert cache.lens == [8, 11, 0]
+        before = [t[:, :, :12].clone() for t in cache.k + cache.v]
+        CompiledDecode(model)(cache, {1: 5})
+    assert cache.lens == [7, 12, 4]
     for b, t in zip(before, cache.k + cache.v):
-        assert torch.equal(t[1:, :, :11], b[1:])  # rows 1 and 2 unchanged
-        assert torch.equal(t[0, :, :7], b[0, :, :7])  # row 0 only gained position 7
+        assert torch.equal(t[0, :, :12], b[0]) and torch.equal(t[2, :, :12], b[2])  # rows 0 and 2 unchanged
+        assert torch.equal(t[1, :, :11], b[1, :, :11]) and not torch.equal(t[1, :, 11], b[1, :, 11])
 
 
 def test_serving_after_warm_up_never_compiles(model):
