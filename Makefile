@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq serve-reasoning docker docker-smoke
+.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq serve-reasoning docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -63,12 +63,14 @@ clean:
 # cores): SmolLM2 task-tuned on SVAMP-train chain-of-thought, int8; the large model's own CoT on
 # SVAMP-train; the shipped memory model warm-started on it; then the evaluation over HTTP.
 REASON ?= artifacts/smollm2-135m-svamp-int8
-reasoning-model: setup
+reasoning-large: setup
 	test -f artifacts/smollm2-135m-svamp-f32/manifest.json || $(BIN)/python -m compress build --source smollm2-135m-instruct \
 		--recipe "lora(data=svamp-train,steps=262,batch=8,r=16,alpha=32,targets=all,lr=1e-3,dropout=0.05)" \
 		--out artifacts/smollm2-135m-svamp-f32
 	test -f $(REASON)/manifest.json || $(BIN)/python -m compress build --model-dir artifacts/smollm2-135m-svamp-f32 \
 		--recipe int8 --out $(REASON)
+
+reasoning-model: reasoning-large
 	$(BIN)/python -m memory_model make-data --task svamp-train --large $(REASON) --out data/mm-svamp --n-heldout 100 --max-new 96
 	$(BIN)/python -m memory_model sft --init memory_model/checkpoints/default --data data/mm-svamp/train.jsonl \
 		--synthetic 0 --target extractive --out $(MM)/mm-8m-svamp-sft --steps 300 --batch-size 16 --lr 3e-4 --warmup 20 \
@@ -89,12 +91,13 @@ memory-model-70m: reasoning-model
 	$(BIN)/python -m memory_model eval --large $(REASON) --data data/mm-svamp/heldout.jsonl \
 		--policy mm70-sft=$(MM70) --policy mm8-sft=$(MM)/mm-8m-svamp-sft --max-new 100 \
 		--json results/mm_svamp_diagnostics_70m.json
+	$(BIN)/python -m memory_model export $(MM70) --out memory_model/checkpoints/svamp-70m --dtype bf16
 
 reasoning-eval-70m: memory-model-70m
 	test -f artifacts/smollm2-135m-svamp-gptq/manifest.json || $(BIN)/python -m compress build \
 		--model-dir artifacts/smollm2-135m-svamp-f32 --recipe "gptq(bits=4,group_size=128)" \
 		--out artifacts/smollm2-135m-svamp-gptq
-	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model $(MM70) \
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(REASON) --memory-model memory_model/checkpoints/svamp-70m \
 		--data svamp-dev --loops 3 --groups 1 --group-tokens 24 --condense-tokens 100 --answer-tokens 12 \
 		--compare-artifact 4bit=artifacts/smollm2-135m-svamp-gptq --compare "full CoT" --compare "hybrid, 1" \
 		--only "full CoT" --only hybrid --only memory --only trunc --only 4bit \
@@ -128,8 +131,9 @@ reasoning-model-replay: setup
 		--only full --loops 3 --groups 1 --group-tokens 24 --condense-tokens 64 --answer-tokens 12 \
 		--json results/reasoning_eval_replay_int8.json
 
-serve-reasoning: reasoning-model
-	$(BIN)/python -m server --artifact $(REASON) --memory-model $(MM)/mm-8m-svamp-sft --port $(PORT)
+# the SVAMP-tuned large model with the shipped 70M memory model (memory_model/checkpoints/svamp-70m)
+serve-reasoning: reasoning-large
+	$(BIN)/python -m server --artifact $(REASON) --memory-model memory_model/checkpoints/svamp-70m --port $(PORT)
 
 # The container image (needs a Docker daemon; not part of `make test`). BASE is pulled when a
 # registry is reachable; otherwise a Debian bookworm base is built locally with debootstrap

@@ -110,3 +110,24 @@ def test_429_only_when_every_row_and_the_queue_are_full(llama_artifact):
         assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 3
     finally:
         srv.close()
+
+
+def test_compiled_server_compiles_before_serving_and_streams_the_same_text(client, llama_artifact):
+    from openai import OpenAI
+
+    from server.__main__ import build_parser, to_config
+
+    p = build_parser()
+    assert to_config(p.parse_args(["--artifact", str(llama_artifact), "--compile"]), p).compile
+    cfg = ServerConfig(artifacts=[f"tiny-chat={llama_artifact}"], max_model_len=2048, max_num_seqs=3, compile=True)
+    srv = LiveServer(cfg).wait()
+    try:
+        line = next(x for x in httpx.get(srv.url + "/metrics").text.splitlines()
+                    if x.startswith('hybrid_decode_compile_seconds{model="tiny-chat"}'))
+        assert float(line.split()[-1]) > 0  # paid at start-up
+        compiled = OpenAI(base_url=srv.url + "/v1", api_key="-")
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda p: _stream(compiled, "tiny-chat", p), PROMPTS[:3]))
+        assert together == [_stream(client, "tiny-chat", p) for p in PROMPTS[:3]]  # the eager server's text
+    finally:
+        srv.close()
