@@ -30,8 +30,8 @@ from .model import Transformer
 
 
 class _Slots:
-    """The `KVCache` interface `Transformer._run` calls, over every slot of a SlotKVCache, with
-    write positions as a tensor."""
+    """The `KVCache` interface `Transformer._run` calls, over slots [0, B) of a SlotKVCache,
+    with write positions as a tensor."""
 
     def __init__(self, ks: list[torch.Tensor], vs: list[torch.Tensor], pos: torch.Tensor, n_keys: int):
         self.ks, self.vs, self.pos, self.n = ks, vs, pos, n_keys
@@ -58,7 +58,7 @@ _compiled = None
 
 
 def _compiled_step():
-    """One compiled callable for the process: dynamo keeps its graphs (one per model) on it, so
+    """One compiled callable for the process: dynamo keeps its graphs (two per model) on it, so
     every engine made later reuses what `warm_up` compiled."""
     global _compiled
     if _compiled is None:

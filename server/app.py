@@ -73,7 +73,6 @@ class AppState:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
 
-
     def _compile(self, models: dict) -> None:
         """Compile each model's decode step before requests are admitted (the first user does
         not wait for it)."""
