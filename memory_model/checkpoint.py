@@ -83,9 +83,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), cfg, tok, meta
 
 
+def tokenizer_file(path: Path) -> str:
+    """Which tokenizer a checkpoint holds: an imported model's tokenizer.json, else its own
+    sentencepiece model."""
+    return HFTokenizer.FILE if (path / HFTokenizer.FILE).is_file() else Tokenizer.FILE
+
+
 def load_tokenizer(path: Path, cfg: MemoryModelConfig) -> Framed:
-    """The checkpoint's own sentencepiece model, or an imported model's tokenizer.json."""
-    if (path / HFTokenizer.FILE).is_file():
+    if tokenizer_file(path) == HFTokenizer.FILE:
         return HFTokenizer.load(path / HFTokenizer.FILE, cfg.bos_id, cfg.eos_id, cfg.pad_id)
     return Tokenizer(path / Tokenizer.FILE)
 
@@ -100,8 +105,7 @@ def export_checkpoint(src: Path, dst: Path, dtype: torch.dtype | None = None) ->
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = HFTokenizer.FILE if (src / HFTokenizer.FILE).is_file() else Tokenizer.FILE
-    for f in ("config.json", tok):
+    for f in ("config.json", tokenizer_file(src)):
         shutil.copyfile(src / f, tmp / f)
     if dtype is None:
         shutil.copyfile(src / "model.safetensors", tmp / "model.safetensors")
