@@ -305,7 +305,7 @@ class Transformer(nn.Module):
 
     def inputs_at(self, pos: torch.Tensor, k_pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """`row_inputs` from tensors: pos (B, T) the new tokens' positions, k_pos = arange(S) the
-        keys' (what the compiled decode step traces, with S its one dynamic size)."""
+        keys' (what the compiled decode step traces, B and S its dynamic sizes)."""
         q_pos = pos[:, :, None]  # (B, T, 1)
         masks = {}
         for w in set(self.args.sliding_window):
