@@ -58,23 +58,35 @@ def _step(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, keys: torch.
     return model._run(ids, model.inputs_at(pos[:, None], keys), _Slots(ks, vs, pos, keys.shape[0]), True)[:, -1]
 
 
-# realize_opcount_threshold 0: store a value that a loop reads many times instead of
-# recomputing it at each read: otherwise inductor inlined each RMSNorm (a scalar sqrt per
-# element) into the int8 products that read it (engine/quant.py), once per weight element.
-# emulate_precision_casts: round bf16 intermediates as eager does, so compiled logits agree
-# with eager ones to the last bits of a product's summation, not to 1-6% (tiny int8 model).
-INDUCTOR_OPTIONS = {"realize_opcount_threshold": 0, "emulate_precision_casts": True}
-
-_compiled = None
+def _step_one_row(*args) -> torch.Tensor:
+    return _step(*args)
 
 
-def _compiled_step():
-    """One compiled callable for the process: dynamo keeps its graphs (two per model) on it, so
-    every engine made later reuses what `warm_up` compiled."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_step, dynamic=True, fullgraph=True, options=INDUCTOR_OPTIONS)
-    return _compiled
+def _step_rows(*args) -> torch.Tensor:
+    return _step(*args)
+
+
+# Two callables, because dynamo keeps compiled graphs per function and the batch-1 graph is
+# compiled with other options. Batch 1 (engine/quant.py `_rows_times_int8`,
+# `Attention._one_query`): realize_opcount_threshold 0 stores a value that a loop reads many
+# times instead of recomputing it at each read; otherwise inductor inlined each RMSNorm (a
+# scalar sqrt per element) into the int8 products that read it, once per weight element.
+# With two or more rows the same option stored the products' broadcasts (about 1 ms each):
+# those graphs keep the kernels and inductor's defaults. Both: emulate_precision_casts rounds
+# bf16 intermediates as eager does, so compiled logits agree with eager ones to the last bits
+# of a product's summation, not to 1-6% (tiny int8 model).
+_OPTIONS = {True: {"realize_opcount_threshold": 0, "emulate_precision_casts": True},
+            False: {"emulate_precision_casts": True}}
+_compiled: dict[bool, object] = {}
+
+
+def _compiled_step(one_row: bool):
+    """The process's compiled callables: dynamo keeps its graphs on them, so every engine made
+    later reuses what `warm_up` compiled."""
+    if one_row not in _compiled:
+        fn = _step_one_row if one_row else _step_rows
+        _compiled[one_row] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS[one_row])
+    return _compiled[one_row]
 
 
 class CompiledDecode:
@@ -82,7 +94,6 @@ class CompiledDecode:
         if not self.supports(model):
             raise ValueError("the compiled decode step needs an engine Transformer without CHAI layers")
         self.model = model
-        self.fn = _compiled_step()
 
     @staticmethod
     def supports(model) -> bool:
@@ -102,7 +113,7 @@ class CompiledDecode:
         for t in cache.k + cache.v:  # heads and head size never change: no symbols for dynamo to confuse
             torch._dynamo.mark_static(t, 1)  # with B or S when their values happen to be equal
             torch._dynamo.mark_static(t, 3)
-        logits = self.fn(self.model, ids, pos, torch.arange(end, device=dev), cache.k, cache.v)
+        logits = _compiled_step(b == 1)(self.model, ids, pos, torch.arange(end, device=dev), cache.k, cache.v)
         for r in rows:
             cache.lens[r] += 1
         return logits[rows]

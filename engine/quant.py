@@ -95,7 +95,7 @@ class Int8WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
         if self.pad:
             x2 = torch.nn.functional.pad(x2, (0, self.pad))
-        if torch.compiler.is_compiling():
+        if x2.shape[0] == 1 and torch.compiler.is_compiling():
             y = _rows_times_int8(x2, self.q, self.scale)
         else:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
@@ -103,16 +103,18 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 def _rows_times_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ q (N, K)^T * scale as a broadcast product and sum, for inductor to compile.
+    """x (M, K) @ q (N, K)^T * scale as a broadcast product and sum, for inductor to compile
+    into the batch-1 decode graph (engine/compiled.py).
 
-    Why: a decode step is bound by reading the weights, and inductor turns this into one
-    vectorized loop per output row that converts int8 as it streams it. SmolLM2's 210 layer
-    projections (2 cores, compiled alone) took 5.9 / 20.6 / 34 / 63 ms at 1 / 4 / 8 / 16 rows
-    against 18.9 / 22.5 / 35 / 53 ms with `_weight_int8pack_mm`: better up to the default 8
-    slots. Every row is computed alone, so a request's tokens do not depend on who shares its
-    batch. Accumulates in fp32 like the kernel; results agree with it but for an occasional
-    last-bit difference (summation order)."""
-    return ((x[:, None, :].float() * q.float()[None]).sum(-1) * scale.float()).to(x.dtype)
+    Why: one row's product is bound by reading the weights, and inductor turns this into one
+    vectorized loop per output row that converts int8 as it streams it, fused with what
+    surrounds it: SmolLM2's 210 layer projections (2 cores, compiled alone) took 5.9 ms against
+    18.9 ms with `_weight_int8pack_mm`. With more rows it gains little or loses (4 / 8 / 16
+    rows: 20.6 / 34 / 63 ms against 22.5 / 35 / 53 ms), and compiled for a varying row count
+    inductor stored its broadcasts (1 ms a product): batched graphs keep the kernel.
+    Accumulates in fp32 like the kernel; results agree with it but for an occasional last-bit
+    difference (summation order)."""
+    return ((x[:, None, :].float() * q[None]).sum(-1) * scale.float()).to(x.dtype)
 
 
 class Int8StaticLinear(nn.Module):
