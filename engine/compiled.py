@@ -15,10 +15,10 @@ step is one graph (gpt-fast's design), with shapes that do not change from step 
 A fixed B = max_num_seqs (one graph) was measured first: one stream then paid for eight
 (TPOT 52.8 ms against 30.1 eager on SmolLM2 int8, 2 cores).
 
-Inside the graph, int8 weight-only products and single-query attention are written as
-products and sums (engine/quant.py `_rows_times_int8`, `Attention._one_query`) that inductor
-fuses into one loop nest per layer group instead of calling kernels: SmolLM2 int8 decode went
-from 41.6 to about 52-55 tok/s alone (2 cores; llama-bench 80-88 on the same machine).
+In the batch-1 graph, int8 weight-only products and the attention are written as products and
+sums (engine/quant.py `_rows_times_int8`, `Attention._one_query`) that inductor fuses into a
+few loop nests instead of calling kernels: SmolLM2 int8 decode alone went from 43.8 to 52-59
+tok/s (2 cores; llama-bench about 80 in the same runs). Batched graphs keep the kernels.
 Prefill, models with CHAI layers and ONNX sessions keep the eager path. Compiling costs tens
 of seconds, paid by `warm_up` at start-up, not by the first request.
 """

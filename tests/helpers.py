@@ -209,3 +209,16 @@ def write_gguf(hf_dir: Path, out: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def int8_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every matrix of an HF state dict as per-channel int8 (`name` + `name_scale`), the rest as is."""
+    from engine.quant import quantize_per_channel
+
+    out = {}
+    for k, v in state.items():
+        if v.dim() == 2:
+            out[k], out[k + "_scale"] = quantize_per_channel(v)
+        else:
+            out[k] = v
+    return out

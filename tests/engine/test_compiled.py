@@ -16,7 +16,7 @@ from engine.config import ModelArgs
 from engine.loader import build_model
 from engine.quant import _rows_times_int8, quantize_per_channel
 from tests.engine.test_batching import _prompt, alone, greedy, run
-from tests.helpers import tiny_chai_model
+from tests.helpers import int8_state, tiny_chai_model
 
 SLOTS = 3  # batches of 1, 2 and 3 rows: the B = 1 graph and the B >= 2 one
 
@@ -98,13 +98,7 @@ def test_chai_models_stay_eager(llama_dir):
 @pytest.fixture(scope="module")
 def int8_model(llama_dir):
     config, state = load_hf_dir(llama_dir)
-    q_state = {}
-    for k, v in state.items():
-        if v.dim() == 2:
-            q_state[k], q_state[k + "_scale"] = quantize_per_channel(v)
-        else:
-            q_state[k] = v
-    m = build_model(ModelArgs.from_hf_config(config), q_state, max_len=128, int8_kernel="weight_only")
+    m = build_model(ModelArgs.from_hf_config(config), int8_state(state), max_len=128, int8_kernel="weight_only")
     CompiledDecode(m).warm_up(SLOTS)
     return m
 

@@ -10,6 +10,7 @@ from compress.build import load_hf_dir
 from engine.config import ModelArgs
 from engine.loader import build_model
 from engine.quant import dequantize, int8_linear, quantize_per_channel
+from tests.helpers import int8_state
 
 
 def _pair(model_dir, max_len=128):
@@ -91,12 +92,7 @@ def test_int8_kernels_approximate_float_linear(kernel):
 def test_int8_model_stays_close_to_float(llama_dir):
     config, state = load_hf_dir(llama_dir)
     args = ModelArgs.from_hf_config(config)
-    q_state = {}
-    for k, v in state.items():
-        if v.dim() == 2:
-            q_state[k], q_state[k + "_scale"] = quantize_per_channel(v)
-        else:
-            q_state[k] = v
+    q_state = int8_state(state)
     ref = build_model(args, state)
     ids = torch.randint(0, args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
