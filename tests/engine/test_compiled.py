@@ -14,7 +14,7 @@ from engine.batching import BatchConfig, BatchEngine, Sequence
 from engine.compiled import CompiledDecode
 from engine.config import ModelArgs
 from engine.loader import build_model
-from engine.quant import _rows_times_int8, quantize_per_channel
+from engine.quant import Int8WeightOnlyLinear, quantize_per_channel
 from tests.engine.test_batching import _prompt, alone, greedy, run
 from tests.helpers import int8_state, tiny_chai_model
 
@@ -105,13 +105,13 @@ def int8_model(llama_dir):
 
 @pytest.mark.parametrize("rows,k", [(1, 64), (3, 64), (1, 20), (5, 576)])
 def test_compiled_int8_product_agrees_with_the_kernel(rows, k):
+    """Through the layer itself, so its K padding and its one-row branch are what is compiled."""
     torch.manual_seed(rows + k)
-    pad = -k % 16  # as Int8WeightOnlyLinear pads K for the kernel
-    q, s = quantize_per_channel(torch.randn(96, k))
-    q, s = torch.nn.functional.pad(q, (0, pad)), s.bfloat16()
-    x = torch.nn.functional.pad(torch.randn(rows, k), (0, pad)).bfloat16()
-    got = torch.compile(_rows_times_int8, fullgraph=True)(x, q, s)
-    want = torch._weight_int8pack_mm(x, q, s)
+    layer = Int8WeightOnlyLinear(*quantize_per_channel(torch.randn(96, k)))
+    x = torch.randn(rows, k).bfloat16()
+    with torch.inference_mode():
+        got = torch.compile(layer, fullgraph=True)(x)
+        want = layer(x)  # eager: `_weight_int8pack_mm`
     # the same fp32 products summed in another order: at most a last-bit difference in bf16
     assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
 
