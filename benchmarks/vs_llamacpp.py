@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table-only", action="store_true", help="reprint the ratio table of an earlier --out file")
     p.add_argument("--compile", action="store_true", help="also measure our server with --compile (the decode "
                    "step as one compiled graph), in the same run; with --engine-only, the compiled batch-1 decode")
+    p.add_argument("--aten-kernel", action="store_true", help="also measure our server with torch's int8 "
+                   "kernel instead of the engine's own (HYBRID_LLM_NATIVE=0; engine/native.py), in the same run")
     p.add_argument("--engine-only", action="store_true",
                    help="no servers: llama-bench vs our engine's batch-1 prefill/decode (e.g. Gemma-3-270M)")
     a = p.parse_args(argv)
@@ -273,13 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="vs_llamacpp-"))
     results, turns = {}, {}
-    variants = {"ours": []} | ({"ours --compile": ["--compile"]} if a.compile else {})
-    for i, (label, extra) in enumerate(variants.items()):
+    variants = {"ours": ([], {})} | ({"ours --compile": (["--compile"], {})} if a.compile else {}) \
+        | ({"ours, ATen int8 kernel": ([], {"HYBRID_LLM_NATIVE": "0"})} if a.aten_kernel else {})
+    for i, (label, (extra, env)) in enumerate(variants.items()):
         ours = ServerProcess(["--artifact", f"m={a.artifact}", "--threads", str(a.threads), "--max-num-seqs",
                               str(a.slots), "--max-model-len", str(a.ctx), "--max-queue", "64", "--memory-model", "none",
-                              *extra], timeout=900)  # --compile compiles before it answers /health
+                              *extra], timeout=900, env=env)  # --compile compiles before it answers /health
         try:
-            results[label] = run_bench(ours.url, label.replace(" --", "-"), conc, a, work / f"ours-{i}.json")
+            results[label] = run_bench(ours.url, label.replace(" --", "-").replace(", ", "-").replace(" ", "-"),
+                                       conc, a, work / f"ours-{i}.json")
             turns[label] = multi_turn(ours.url)
         finally:
             ours.close()

@@ -7,7 +7,8 @@ Run:
     python -m clients.bench --compare results/plugged.json results/battery.json --plot results/cmp.png
 Metrics (TTFT of any token and of the first answer content, TPOT, ITL, E2EL, throughputs) are
 defined in clients/bench_stats.py as vLLM's `bench serve` defines them. Prompts are windows
-of English text from Python's bundled pydoc topics, sized to --input-len tokens by measuring
+of English text from Python's bundled pydoc topics, new ones for each concurrency/rate level
+(a repeated prompt would hit a server's prefix cache), sized to --input-len tokens by measuring
 the server's token counts on the warm-up requests (the measured lengths are reported);
 outputs are forced to --output-len tokens with `ignore_eos` (a vLLM extension this server
 supports; --no-ignore-eos for others).
@@ -173,8 +174,11 @@ async def bench(a) -> dict:
         runs = []
         for concurrency in a.concurrency:
             for rate in a.request_rate:
-                prompts = make_prompts(a.num_prompts, n_words, a.seed, words)
-                run = await run_one(client, a, prompts, concurrency, rate)
+                # new prompts for every level: a prompt sent before is a prefix-cache hit on servers
+                # that keep one (this one, llama.cpp), which would measure the cache, not prefill
+                seed = a.seed + len(runs)
+                run = await run_one(client, a, make_prompts(a.num_prompts, n_words, seed, words), concurrency, rate)
+                run["prompt_seed"] = seed
                 s = run["summary"]
                 print(f"concurrency {concurrency}, rate {rate}: {s['completed']}/{a.num_prompts} ok, "
                       f"TTFT median {_ms(s['ttft_s'].get('median'))}, TPOT median {_ms(s['tpot_s'].get('median'))}, "

@@ -8,6 +8,7 @@ llama.cpp's test `ServerProcess` does), so none of them imports the server packa
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -26,11 +27,14 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m server ARGS` (subclasses start another server with `command`)."""
 
-    def __init__(self, args: list[str], timeout: float = 300.0, log_level: str = "warning", quiet: bool = False):
+    def __init__(self, args: list[str], timeout: float = 300.0, log_level: str = "warning", quiet: bool = False,
+                 env: dict[str, str] | None = None):
+        """env: variables set for the server on top of this process's environment."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         out = subprocess.DEVNULL if quiet else None
-        self.proc = subprocess.Popen(self.command(args, log_level), stdout=out, stderr=out)
+        self.proc = subprocess.Popen(self.command(args, log_level), stdout=out, stderr=out,
+                                     env={**os.environ, **(env or {})})
         self._wait(timeout)
 
     def command(self, args: list[str], log_level: str) -> list[str]:

@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import naming
+from . import naming, native
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +75,10 @@ class Int8DynamicLinear(nn.Module):
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """W8A16: int8 weights dequantized inside the kernel, bf16 activations
-    (`torch._weight_int8pack_mm`, the kernel gpt-fast uses for CPU int8). Near-lossless."""
+    """W8A16: int8 weights dequantized inside the kernel, bf16 activations. Near-lossless.
+    The kernel is the engine's own (engine/native.py: each weight vector converted once for up
+    to 8 rows, so a batched decode step costs little more than one row) where this CPU and
+    toolchain allow, else `torch._weight_int8pack_mm` (the kernel gpt-fast uses for CPU int8)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -89,6 +91,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("q", torch.nn.functional.pad(q, (0, self.pad)).contiguous().clone())
         self.register_buffer("scale", scale.to(act_dtype))
         self.act_dtype = act_dtype
+        self.mm = native.op() or torch._weight_int8pack_mm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -98,7 +101,7 @@ class Int8WeightOnlyLinear(nn.Module):
         if x2.shape[0] == 1 and torch.compiler.is_compiling():
             y = _rows_times_int8(x2, self.q, self.scale)
         else:
-            y = torch._weight_int8pack_mm(x2, self.q, self.scale)
+            y = self.mm(x2, self.q, self.scale)
         return y.view(*shape[:-1], self.out_features)
 
 

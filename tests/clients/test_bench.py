@@ -115,6 +115,7 @@ def test_bench_sweep_writes_json_and_plot_then_compares(live, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert png.stat().st_size > 10_000
     assert [r["concurrency"] for r in res["runs"]] == [1, 2] and res["runs"][0]["request_rate"] == "inf"
+    assert [r["prompt_seed"] for r in res["runs"]] == [0, 1]  # new prompts per level: no prefix-cache replay
     assert res["meta"]["client_power"]["source"] in ("ac", "battery", "unknown")
     assert res["meta"]["server_profile"]["active"] == "plugged"
     for run in res["runs"]:

@@ -1,0 +1,94 @@
+"""The engine's own CPU kernel (engine/kernels/int8_weight_mm.cpp), built on first use.
+
+    python -m engine.native     # build it now (e.g. in an image), say whether it is used and why not
+
+`int8_weight_mm(x, q, scale)` is the W8A16 product `torch._weight_int8pack_mm` computes, with
+each int8 weight vector converted once for up to 8 rows (the source says why, with numbers).
+torch's extension builder (ninja + the system C++ compiler) builds it once per machine, source
+and torch version, about 30 s, into `$HYBRID_LLM_KERNELS/<tag>` (default
+~/.cache/hybrid-llm/kernels; a build found there is loaded without a compiler, so an image can
+ship one), and its TORCH_LIBRARY block registers the op `hybrid_llm::int8_weight_mm`, which a
+compiled graph calls like an ATen kernel. Where it cannot be had - no AVX-512 (the source is
+written with its intrinsics), no compiler, a failed build, or HYBRID_LLM_NATIVE=0 - `op()`
+returns None, the reason is logged once, and the engine keeps `torch._weight_int8pack_mm`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "kernels" / "int8_weight_mm.cpp"
+_NAME = "hybrid_llm_kernels"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("HYBRID_LLM_KERNELS") or os.path.join(os.environ.get("HYBRID_LLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hybrid-llm"), "kernels")
+    # one directory per source and torch version: a changed kernel or torch never loads a stale build
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return Path(root) / tag
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot be used on this machine, or None."""
+    if os.environ.get("HYBRID_LLM_NATIVE", "1") == "0":
+        return "HYBRID_LLM_NATIVE=0"
+    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} - _cpu_flags()
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+@functools.cache
+def op():
+    """torch.ops.hybrid_llm.int8_weight_mm, built and loaded once; None where unavailable."""
+    why = unavailable()
+    if why is None:
+        try:
+            _load()
+            return torch.ops.hybrid_llm.int8_weight_mm.default  # the overload: no resolution per call
+        except Exception as e:  # noqa: BLE001 - any build failure means: use the ATen kernel
+            why = f"building it failed ({type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''})"
+    log.warning("engine kernel int8_weight_mm not used: %s; using torch._weight_int8pack_mm", why)
+    return None
+
+
+def _load() -> None:
+    so = _build_dir() / f"{_NAME}.so"
+    if so.is_file():  # built before (the directory is per source and torch version): no toolchain needed
+        torch.ops.load_library(str(so))
+    else:
+        from torch.utils import cpp_extension
+
+        so.parent.mkdir(parents=True, exist_ok=True)
+        # is_python_module=False: a plain library whose TORCH_LIBRARY block registers the op on load
+        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS, build_directory=str(so.parent),
+                           is_python_module=False, verbose=False)
+
+    @torch.library.register_fake("hybrid_llm::int8_weight_mm")
+    def _(x, q, scale):  # shapes for torch.compile's tracing
+        return x.new_empty((x.shape[0], q.shape[0]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    kernel = op()
+    print(f"int8_weight_mm: {'built in ' + str(_build_dir()) if kernel is not None else 'not used'}")
+    sys.exit(0 if kernel is not None or unavailable() is not None else 1)  # a failed build is an error

@@ -1,0 +1,90 @@
+"""The engine's own W8A16 kernel (engine/native.py, engine/kernels/int8_weight_mm.cpp): it
+computes what `torch._weight_int8pack_mm` computes (to the last bits of an fp32 sum), a row's
+result does not depend on the rows batched with it, torch.compile calls it as an op, and the
+engine falls back to the ATen kernel where it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import native
+from engine.quant import Int8WeightOnlyLinear, quantize_per_channel
+
+op = native.op()
+needs_kernel = pytest.mark.skipif(op is None, reason=f"kernel unavailable: {native.unavailable()}")
+
+
+def _weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return quantize_per_channel(torch.randn(n, k, generator=g))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 17])
+def test_kernel_equals_the_aten_kernel(m, dtype):
+    q, scale = _weights(37, 96)  # 37 outputs: whole tiles of 4 and 2 and a ragged tail
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m)).to(dtype)
+    got = op(x, q, scale.to(dtype))
+    want = torch._weight_int8pack_mm(x, q, scale.to(dtype))
+    assert got.dtype == dtype and got.shape == (m, 37)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-3)
+
+
+@needs_kernel
+def test_a_rows_bits_do_not_depend_on_the_batch():
+    q, scale = _weights(50, 128, seed=1)
+    x = torch.randn(11, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    batched = op(x, q, scale.bfloat16())
+    for i in range(11):
+        assert torch.equal(op(x[i:i + 1], q, scale.bfloat16()), batched[i:i + 1])
+    assert torch.equal(op(x[3:8], q, scale.bfloat16()), batched[3:8])
+
+
+@needs_kernel
+def test_refuses_what_it_cannot_compute():
+    q, scale = _weights(8, 24)  # K not a multiple of 16: the layer pads, the op refuses
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        op(torch.randn(2, 24), q, scale)
+    with pytest.raises(RuntimeError, match="int8"):
+        op(torch.randn(2, 32), torch.zeros(8, 32), scale)
+
+
+@needs_kernel
+def test_layer_uses_it_and_pads_k():
+    q, scale = _weights(20, 40)  # K = 40 is padded to 48 by the layer
+    layer = Int8WeightOnlyLinear(q, scale)
+    assert layer.mm is op
+    x = torch.randn(6, 40).bfloat16()
+    want = (x.float() @ (q.float() * scale[:, None]).t())
+    torch.testing.assert_close(layer(x).float(), want, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_compiled_graph_calls_the_op():
+    q, scale = _weights(24, 64)
+    x = torch.randn(5, 64).bfloat16()
+
+    def f(x):
+        return torch.ops.hybrid_llm.int8_weight_mm(x * 2, q, scale.bfloat16()) + 1
+
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_switched_off_means_the_aten_kernel(monkeypatch):
+    monkeypatch.setenv("HYBRID_LLM_NATIVE", "0")
+    assert native.unavailable() == "HYBRID_LLM_NATIVE=0"
+    assert native.op.__wrapped__() is None  # uncached: what a process started with it off gets
+    monkeypatch.setattr(native, "op", lambda: None)
+    q, scale = _weights(8, 32)
+    layer = Int8WeightOnlyLinear(q, scale)
+    assert layer.mm is torch._weight_int8pack_mm
+    x = torch.randn(3, 32).bfloat16()
+    assert torch.equal(layer(x), torch._weight_int8pack_mm(x, layer.q, layer.scale))
+
+
+def test_a_cpu_without_avx512_is_told_why(monkeypatch):
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert "avx512f" in native.unavailable()
