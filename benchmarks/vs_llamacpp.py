@@ -148,7 +148,9 @@ def first_token_s(client: httpx.Client, messages: list[dict], max_tokens: int) -
 def multi_turn(url: str, n_words: int = 700) -> dict:
     """TTFT of a ~1k-token first turn, then of the second turn that repeats it (+ the answer)."""
     words = corpus_words()
-    with httpx.Client(base_url=url, timeout=600) as c:
+    # a new connection per request: llama-server sometimes closed the kept-alive one between the
+    # turns (the second request then failed with "Server disconnected"); loopback connects in microseconds
+    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as c:
         first_token_s(c, [{"role": "user", "content": "Hello."}], 4)  # warm-up
         doc = " ".join(words[1000:1000 + n_words])
         turn1 = [{"role": "user", "content": f"{doc}\n\nSummarize the text above in one sentence."}]

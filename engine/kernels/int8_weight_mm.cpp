@@ -4,10 +4,11 @@
 // Why: `torch._weight_int8pack_mm` converts the int8 weights again for every small block of
 // rows, so its time grows with the batch although the weights are read from memory once. Here
 // each weight vector is converted once (to bf16, exactly) and applied to up to 8 rows held in
-// registers with VDPBF16PS. SmolLM2-135M's 210 layer products, 2 cores (AVX-512 + BF16), median
-// of 7: 1 / 4 / 8 / 16 / 128 rows 10.1 / 13.5 / 21.6 / 36.2 / 235 ms with the ATen kernel,
-// 10.4 / 12.3 / 15.5 / 24.0 / 151 ms here. Every output element is summed in the same order
-// whatever M is, so a row's result does not depend on the rows batched with it.
+// registers with VDPBF16PS. SmolLM2-135M's 120 layer products (q/k/v and gate/up fused), 2
+// cores (AVX-512 + BF16), median of 7: 1 / 4 / 8 / 16 / 128 rows 7.9 / 11.0 / 20.8 / 33.2 /
+// 202 ms with the ATen kernel, 7.8 / 9.5 / 12.8 / 19.4 / 99.6 ms here. Every output element is
+// summed in the same order whatever M is, so a row's result does not depend on the rows
+// batched with it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
