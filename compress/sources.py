@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.paths import cache_dir
+
 from .artifact import sha256_file
 
 
@@ -48,12 +50,6 @@ SOURCES: dict[str, GGUFSource] = {
         description="Gemma-3-270M base (Q4_K_M GGUF), completions only"),
 }
 DEFAULT_SOURCE = "smollm2-135m-instruct"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("HYBRID_LLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hybrid-llm")
-    return Path(root)
 
 
 def get_source(name: str) -> GGUFSource:

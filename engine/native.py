@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import cache_dir
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "kernels" / "int8_weight_mm.cpp"
 _NAME = "hybrid_llm_kernels"
@@ -37,8 +39,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _build_dir() -> Path:
-    root = os.environ.get("HYBRID_LLM_KERNELS") or os.path.join(os.environ.get("HYBRID_LLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hybrid-llm"), "kernels")
+    root = os.environ.get("HYBRID_LLM_KERNELS") or cache_dir() / "kernels"
     # one directory per source and torch version: a changed kernel or torch never loads a stale build
     tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
     return Path(root) / tag
@@ -63,7 +64,7 @@ def op():
             _load()
             return torch.ops.hybrid_llm.int8_weight_mm.default  # the overload: no resolution per call
         except Exception as e:  # noqa: BLE001 - any build failure means: use the ATen kernel
-            why = f"building it failed ({type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''})"
+            why = f"building it failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]})"
     log.warning("engine kernel int8_weight_mm not used: %s; using torch._weight_int8pack_mm", why)
     return None
 

@@ -41,11 +41,20 @@ inline void micro(const float* x, int64_t K, const int8_t* w, const S* s, O* y, 
     for (int j = 0; j < NB; ++j) y[m * ldy + j] = O(_mm512_reduce_add_ps(acc[m][j]) * float(s[j]));
 }
 
+// 32 int8 -> 32 bf16 in order (exact: at most 7 significant bits).
+__attribute__((target("avx512bf16"))) inline __m512bh bf16x32(const int8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + kLanes))));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // the second argument fills the low half
+}
+
 // The same with bf16 activations, two k at a time (VDPBF16PS: 32 products per instruction, half
 // the FMAs): each int8 weight converts exactly to bf16 (7 significant bits), products of two
-// bf16 are exact in fp32, sums are fp32 as above. K must be a multiple of 32.
-template <int MT, int NB, typename S, typename O>
-__attribute__((target("avx512bf16"))) inline void micro_bf16(const uint16_t* x, int64_t K, const int8_t* w,
+// bf16 are exact in fp32, sums are fp32 as above. K must be a multiple of 32. The weights are
+// int8 (converted here) or, for prefill (M > 8), bf16 already converted by `to_bf16` once per
+// tile and read back for every 8 rows of x; either way the same sums in the same order.
+template <int MT, int NB, typename W, typename S, typename O>
+__attribute__((target("avx512bf16"))) inline void micro_bf16(const uint16_t* x, int64_t K, const W* w,
                                                            const S* s, O* y, int64_t ldy) {
   __m512 acc[MT][NB];
   for (int m = 0; m < MT; ++m)
@@ -53,31 +62,10 @@ __attribute__((target("avx512bf16"))) inline void micro_bf16(const uint16_t* x, 
   for (int64_t k = 0; k < K; k += 2 * kLanes) {
     __m512bh wv[NB];
     for (int j = 0; j < NB; ++j) {
-      const int8_t* p = w + j * K + k;
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + kLanes))));
-      wv[j] = _mm512_cvtne2ps_pbh(hi, lo);  // elements k..k+31 in order, as x's
+      const W* p = w + j * K + k;
+      if constexpr (std::is_same_v<W, int8_t>) wv[j] = bf16x32(p);
+      else wv[j] = (__m512bh)_mm512_loadu_si512((const void*)p);
     }
-    for (int m = 0; m < MT; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + m * K + k));
-      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < NB; ++j) y[m * ldy + j] = O(_mm512_reduce_add_ps(acc[m][j]) * float(s[j]));
-}
-
-// Prefill (M > 8): the same sums with the tile's weights converted to bf16 once (`to_bf16`)
-// and read back for every 8 rows of x, instead of converted again for each.
-template <int MT, int NB, typename S, typename O>
-__attribute__((target("avx512bf16"))) inline void micro_bf16_pre(const uint16_t* x, int64_t K, const uint16_t* w,
-                                                               const S* s, O* y, int64_t ldy) {
-  __m512 acc[MT][NB];
-  for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 2 * kLanes) {
-    __m512bh wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512((const void*)(w + j * K + k));
     for (int m = 0; m < MT; ++m) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + m * K + k));
       for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
@@ -88,11 +76,7 @@ __attribute__((target("avx512bf16"))) inline void micro_bf16_pre(const uint16_t*
 }
 
 __attribute__((target("avx512bf16"))) inline void to_bf16(const int8_t* w, int64_t n, uint16_t* out) {
-  for (int64_t k = 0; k < n; k += 2 * kLanes) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + kLanes))));
-    _mm512_storeu_si512((void*)(out + k), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-  }
+  for (int64_t k = 0; k < n; k += 2 * kLanes) _mm512_storeu_si512((void*)(out + k), (__m512i)bf16x32(w + k));
 }
 
 template <int MT, int NB> struct Fma {
@@ -100,9 +84,6 @@ template <int MT, int NB> struct Fma {
 };
 template <int MT, int NB> struct Bf16 {
   template <typename... A> static void run(A... a) { micro_bf16<MT, NB>(a...); }
-};
-template <int MT, int NB> struct Bf16Pre {
-  template <typename... A> static void run(A... a) { micro_bf16_pre<MT, NB>(a...); }
 };
 
 // One tile: mt (1..8) rows of x, made a compile-time constant for the micro kernel F.
@@ -148,7 +129,7 @@ void product(const T* xp, int64_t M, int64_t K, const int8_t* qp, const S* sp, O
       if constexpr (bf16) {
         if (M > 8) {
           to_bf16(qp + n * K, width * K, wb.data());
-          tile<Bf16Pre>(xp, M, K, wb.data(), sp + n, yp + n, N, nb, width);
+          tile<Bf16>(xp, M, K, wb.data(), sp + n, yp + n, N, nb, width);
         } else {
           tile<Bf16>(xp, M, K, qp + n * K, sp + n, yp + n, N, nb, width);
         }
