@@ -19,6 +19,8 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -74,16 +76,31 @@ def _load() -> None:
     if so.is_file():  # built before (the directory is per source and torch version): no toolchain needed
         torch.ops.load_library(str(so))
     else:
-        from torch.utils import cpp_extension
-
-        so.parent.mkdir(parents=True, exist_ok=True)
-        # is_python_module=False: a plain library whose TORCH_LIBRARY block registers the op on load
-        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS, build_directory=str(so.parent),
-                           is_python_module=False, verbose=False)
+        _build_and_load(so.parent)
 
     @torch.library.register_fake("hybrid_llm::int8_weight_mm")
     def _(x, q, scale):  # shapes for torch.compile's tracing
         return x.new_empty((x.shape[0], q.shape[0]))
+
+
+def _build_and_load(final: Path) -> None:
+    """Build in a directory of this process's own, load it from there, then rename it to `final`:
+    a process that finds `final` finds a whole build (servers and replicas may start together)."""
+    from torch.utils import cpp_extension
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        # is_python_module=False: a plain library, loaded here; its TORCH_LIBRARY block registers the op
+        cpp_extension.load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS, build_directory=str(tmp),
+                           is_python_module=False, verbose=False)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a build made by root from an image's user
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process's build got there first: the same source and flags
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; the loaded library stays mapped
 
 
 if __name__ == "__main__":

@@ -5,12 +5,19 @@ engine falls back to the ATen kernel where it cannot be built."""
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from engine import native
 from engine.quant import Int8WeightOnlyLinear, quantize_per_channel
 
+ROOT = Path(__file__).resolve().parents[2]
 op = native.op()
 needs_kernel = pytest.mark.skipif(op is None, reason=f"kernel unavailable: {native.unavailable()}")
 
@@ -88,3 +95,19 @@ def test_switched_off_means_the_aten_kernel(monkeypatch):
 def test_a_cpu_without_avx512_is_told_why(monkeypatch):
     monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
     assert "avx512f" in native.unavailable()
+
+
+@needs_kernel
+def test_a_build_is_found_whole_and_loaded_without_a_compiler(tmp_path):
+    """What an image relies on: `python -m engine.native` builds into HYBRID_LLM_KERNELS (a
+    directory others can read, renamed into place whole), and a later process loads that build
+    with no working compiler."""
+    env = {**os.environ, "HYBRID_LLM_KERNELS": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-m", "engine.native"], env=env, capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+    assert first.returncode == 0 and "built in" in first.stdout, first.stderr
+    (build,) = tmp_path.iterdir()  # no temporary directory left behind
+    assert (build / "hybrid_llm_kernels.so").is_file() and stat.S_IMODE(build.stat().st_mode) == 0o755
+    second = subprocess.run([sys.executable, "-m", "engine.native"], env={**env, "CXX": "/bin/false"},
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert second.returncode == 0 and str(build) in second.stdout, second.stderr
