@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -284,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                               str(a.slots), "--max-model-len", str(a.ctx), "--max-queue", "64", "--memory-model", "none",
                               *extra], timeout=900, env=env)  # --compile compiles before it answers /health
         try:
-            results[label] = run_bench(ours.url, label.replace(" --", "-").replace(", ", "-").replace(" ", "-"),
-                                       conc, a, work / f"ours-{i}.json")
+            results[label] = run_bench(ours.url, re.sub(r"[\s,-]+", "-", label), conc, a, work / f"ours-{i}.json")
             turns[label] = multi_turn(ours.url)
         finally:
             ours.close()
