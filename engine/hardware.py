@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-              "amx_int8", "asimd", "sve", "bf16", "i8mm")
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "bf16", "i8mm")
 
 
 @dataclass

@@ -25,19 +25,13 @@ from pathlib import Path
 
 import torch
 
+from . import hardware
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "kernels" / "int8_weight_mm.cpp"
 _NAME = "hybrid_llm_kernels"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
 
 
 def _build_dir() -> Path:
@@ -51,7 +45,7 @@ def unavailable() -> str | None:
     """Why the kernel cannot be used on this machine, or None."""
     if os.environ.get("HYBRID_LLM_NATIVE", "1") == "0":
         return "HYBRID_LLM_NATIVE=0"
-    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} - _cpu_flags()
+    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} - set(hardware.detect().cpu_flags)
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     return None

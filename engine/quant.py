@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import naming, native
+from . import hardware, naming, native
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,15 +40,6 @@ def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in state.items() if not naming.is_scale(k)}
 
 
-def _cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 class Int8DynamicLinear(nn.Module):
     """W8A8: int8 weights, activations quantized per call (per tensor, i.e. per token at
     decode) by FBGEMM. Fastest int8 path on x86, but sensitive to activation outliers."""
@@ -66,7 +57,7 @@ class Int8DynamicLinear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         # reduce_range (7-bit activations) only exists to avoid int16 overflow in the
         # pre-VNNI AVX2 kernel; with VNNI the full 8-bit range is exact and measurably better.
-        self.reduce_range = not _cpu_has_vnni()
+        self.reduce_range = not {"avx512_vnni", "avx_vnni"} & set(hardware.detect().cpu_flags)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import native
+from engine import hardware, native
 from engine.quant import Int8WeightOnlyLinear, quantize_per_channel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def test_switched_off_means_the_aten_kernel(monkeypatch):
 
 
 def test_a_cpu_without_avx512_is_told_why(monkeypatch):
-    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: ["avx2", "fma"])
     assert "avx512f" in native.unavailable()
 
 
