@@ -8,9 +8,11 @@ torch's extension builder (ninja + the system C++ compiler) builds it once per m
 and torch version, about 30 s, into `$HYBRID_LLM_KERNELS/<tag>` (default
 ~/.cache/hybrid-llm/kernels; a build found there is loaded without a compiler, so an image can
 ship one), and its TORCH_LIBRARY block registers the op `hybrid_llm::int8_weight_mm`, which a
-compiled graph calls like an ATen kernel. Where it cannot be had - no AVX-512 (the source is
-written with its intrinsics), no compiler, a failed build, or HYBRID_LLM_NATIVE=0 - `op()`
-returns None, the reason is logged once, and the engine keeps `torch._weight_int8pack_mm`.
+compiled graph calls like an ATen kernel. Its fastest kernels need AVX-512 BF16; on AVX2 + FMA
+CPUs an fp32 kernel serves up to 8 rows and ATen's the rest. Where it cannot be had - no AVX2
+(the source is written with x86 intrinsics), no compiler, a failed build, or
+HYBRID_LLM_NATIVE=0 - `op()` returns None, the reason is logged once, and the engine keeps
+`torch._weight_int8pack_mm`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .paths import cache_dir
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "kernels" / "int8_weight_mm.cpp"
 _NAME = "hybrid_llm_kernels"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
+# an AVX2 + FMA baseline: the AVX-512 kernels carry target attributes and are chosen at run time
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
 def _build_dir() -> Path:
@@ -45,7 +48,7 @@ def unavailable() -> str | None:
     """Why the kernel cannot be used on this machine, or None."""
     if os.environ.get("HYBRID_LLM_NATIVE", "1") == "0":
         return "HYBRID_LLM_NATIVE=0"
-    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} - set(hardware.detect().cpu_flags)
+    missing = {"avx2", "fma"} - set(hardware.detect().cpu_flags)
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     return None
