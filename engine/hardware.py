@@ -5,6 +5,7 @@ LoRA step) and the server all read it from here.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
@@ -25,17 +26,23 @@ class DeviceInfo:
     memory_bytes: int | None = None
 
 
-def _cpu_flags() -> list[str]:
+def cpu_flags() -> list[str]:
+    """The vector extensions in _CPU_FLAGS this CPU lists."""
+    return list(_read_cpu_flags())
+
+
+@functools.cache  # read once a process: int8 layers ask at construction, one call per layer
+def _read_cpu_flags() -> tuple[str, ...]:
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        return []
+        return ()
     words = set()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
             words |= set(line.split(":", 1)[1].split())
-    return [f for f in _CPU_FLAGS if f in words]
+    return tuple(f for f in _CPU_FLAGS if f in words)
 
 
 def has_native_bf16(flags) -> bool:
@@ -58,10 +65,10 @@ def detect() -> DeviceInfo:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return DeviceInfo("cuda", props.name, cores, _cpu_flags(), (props.major, props.minor), props.total_memory)
+        return DeviceInfo("cuda", props.name, cores, cpu_flags(), (props.major, props.minor), props.total_memory)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return DeviceInfo("mps", "Apple MPS", cores, _cpu_flags())
-    return DeviceInfo("cpu", _cpu_name(), cores, _cpu_flags())
+        return DeviceInfo("mps", "Apple MPS", cores, cpu_flags())
+    return DeviceInfo("cpu", _cpu_name(), cores, cpu_flags())
 
 
 def cpu_has_bf16() -> bool:

@@ -48,7 +48,7 @@ def unavailable() -> str | None:
     """Why the kernel cannot be used on this machine, or None."""
     if os.environ.get("HYBRID_LLM_NATIVE", "1") == "0":
         return "HYBRID_LLM_NATIVE=0"
-    missing = {"avx2", "fma"} - set(hardware.detect().cpu_flags)
+    missing = {"avx2", "fma"} - set(hardware.cpu_flags())
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     return None

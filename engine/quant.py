@@ -57,7 +57,7 @@ class Int8DynamicLinear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         # reduce_range (7-bit activations) only exists to avoid int16 overflow in the
         # pre-VNNI AVX2 kernel; with VNNI the full 8-bit range is exact and measurably better.
-        self.reduce_range = not {"avx512_vnni", "avx_vnni"} & set(hardware.detect().cpu_flags)
+        self.reduce_range = not {"avx512_vnni", "avx_vnni"} & set(hardware.cpu_flags())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -102,7 +102,7 @@ def test_switched_off_means_the_aten_kernel(monkeypatch):
 
 
 def test_a_cpu_without_avx2_is_told_why(monkeypatch):
-    monkeypatch.setattr(hardware, "_cpu_flags", lambda: ["fma"])
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: ["fma"])
     assert native.unavailable() == "the CPU lacks avx2"
 
 
