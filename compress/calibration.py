@@ -18,6 +18,8 @@ from engine.config import ModelArgs
 from engine.loader import build_model, fused_module_of
 from engine.quant import dequantize_state
 
+from .step import RecipeError
+
 
 @dataclass
 class CalibConfig:
@@ -71,12 +73,45 @@ def collect_grams(config: dict, state: dict[str, torch.Tensor], batches: list[li
     return {n: grams[engine_module_for(n)].float() for n in hf_names}
 
 
-def step_calibration_ids(ctx: dict, samples: int, seq_len: int) -> list[list[int]]:
-    """Calibration windows for a recipe step, tokenized with the source model's tokenizer."""
+TEXT = "text"  # the held-in half of the pydoc topics (compress.data)
+TASK_SOURCES = ("svamp-train",)  # chat-formatted task examples (compress.task_data): prompt + CoT reply
+
+
+def check_calib(step: str, calib: str) -> None:
+    """A recipe step's `calib=` value: 'text', a task, or parts joined by '+'."""
+    known = (TEXT, *TASK_SOURCES)
+    for part in calib.split("+"):
+        if part not in known:
+            raise RecipeError(f"{step}: calib part {part!r} is not one of {', '.join(known)} "
+                              f"(join parts with '+')")
+
+
+def task_calibration_ids(tokenizer, task: str, cfg: CalibConfig) -> list[list[int]]:
+    """Windows of a task's chat-formatted examples, packed end to end in the split's order:
+    the activations the served task prompts produce, not documentation prose."""
+    from .task_data import task_examples
+
+    ids = [t for ex in task_examples(tokenizer, task)[0] for t in ex.ids]
+    need = cfg.samples * cfg.seq_len
+    if len(ids) < need:
+        raise ValueError(f"task {task} has {len(ids)} calibration tokens, {need} requested")
+    return [ids[i * cfg.seq_len:(i + 1) * cfg.seq_len] for i in range(cfg.samples)]
+
+
+def step_calibration_ids(ctx: dict, samples: int, seq_len: int, calib: str = TEXT) -> list[list[int]]:
+    """Calibration windows for a recipe step, tokenized with the source model's tokenizer.
+    With parts ('text+svamp-train') the windows are split between them, the first part
+    taking the remainder."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(ctx["model_dir"]))
-    return calibration_ids(tok, CalibConfig(samples=samples, seq_len=seq_len))
+    parts = calib.split("+")
+    out: list[list[int]] = []
+    for i, part in enumerate(parts):
+        n = samples // len(parts) + (samples % len(parts) if i == 0 else 0)
+        cfg = CalibConfig(samples=n, seq_len=seq_len)
+        out += calibration_ids(tok, cfg) if part == TEXT else task_calibration_ids(tok, part, cfg)
+    return out
 
 
 def training_windows(ctx: dict, n: int, seq_len: int) -> list[list[int]]:
@@ -95,8 +130,8 @@ def calibration_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def calibration_stat(state: dict[str, torch.Tensor], ctx: dict, names: list[str], samples: int, seq_len: int,
-                     stat: str = "gram") -> dict[str, torch.Tensor]:
+                     stat: str = "gram", calib: str = TEXT) -> dict[str, torch.Tensor]:
     """`collect_grams` for a recipe step: the calibration split tokenized with the source
     model's tokenizer (ctx["model_dir"]), on the model as it stands (ctx["config"], state)."""
-    batches = step_calibration_ids(ctx, samples, seq_len)
+    batches = step_calibration_ids(ctx, samples, seq_len, calib)
     return collect_grams(ctx["config"], state, batches, names, progress=ctx.get("progress", True), stat=stat)

@@ -25,7 +25,7 @@ import torch
 from engine import naming
 from engine.quant import dequantize_state
 
-from .calibration import calibration_stat, engine_module_for
+from .calibration import calibration_stat, check_calib, engine_module_for
 from .step import RecipeError, Step
 
 
@@ -52,6 +52,7 @@ class EoRAStep(Step):
     rank: int = 32  # adapter rank per projection
     calib_samples: int = 32
     calib_seq_len: int = 256
+    calib: str = "text"  # as gptq's: text, svamp-train, or a+b (use the data the quantizer saw)
     stats: dict = field(default_factory=dict, repr=False)
 
     name = "eora"
@@ -62,10 +63,11 @@ class EoRAStep(Step):
             raise RecipeError("eora compensates a quantization error: put it right after gptq or int8")
         if self.rank < 1:
             raise RecipeError("eora: rank must be >= 1")
+        check_calib("eora", self.calib)
         if any(naming.is_adapter(k) for k in state):
             raise RecipeError("eora: the model already carries an adapter (merge the LoRA before quantizing)")
         names = sorted(reference)
-        grams = calibration_stat(state, ctx, names, self.calib_samples, self.calib_seq_len, "gram")
+        grams = calibration_stat(state, ctx, names, self.calib_samples, self.calib_seq_len, "gram", self.calib)
         served = dequantize_state({k: v for k, v in state.items() if naming.in_layer(k) and not naming.is_adapter(k)})
         before = after = 0.0
         adapter_params = 0

@@ -32,7 +32,7 @@ from engine.gptq_format import pack_gptq
 from engine.loader import FUSED_PROJECTIONS, build_model
 from engine.quant import quantize_per_channel
 
-from .calibration import step_calibration_ids
+from .calibration import check_calib, step_calibration_ids
 from .step import RecipeError, Step
 from .wanda import pruned_mask
 
@@ -114,6 +114,7 @@ class GPTQStep(Step):
     damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
     calib_samples: int = 32
     calib_seq_len: int = 256
+    calib: str = "text"  # calibration data: text (pydoc), svamp-train (the task's chat examples), or a+b
     dtype: str = "bfloat16"  # storage of the unquantized tensors (embedding, norms): bfloat16 or float16
     embed: str = "keep"  # "keep" (in `dtype`, HF-loadable) or "int8" (engine only, smaller)
     keep_mask: bool = True  # a pruned (>10% zeros) matrix keeps its zeros through quantization
@@ -132,6 +133,7 @@ class GPTQStep(Step):
             raise RecipeError("gptq: embed must be keep or int8")
         if not 0 <= self.damp < 1:
             raise RecipeError("gptq: damp must be in [0, 1)")
+        check_calib("gptq", self.calib)
         if any(naming.is_scale(k) or naming.is_gptq_weight(k) or naming.is_lowrank(k) for k in state):
             raise RecipeError("gptq quantizes float weights: put it after pruning/LoRA and instead of int8/svd")
 
@@ -141,7 +143,7 @@ class GPTQStep(Step):
         config = ctx["config"]
         args = ModelArgs.from_hf_config(config)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        ids = torch.tensor(step_calibration_ids(ctx, self.calib_samples, self.calib_seq_len))
+        ids = torch.tensor(step_calibration_ids(ctx, self.calib_samples, self.calib_seq_len, self.calib))
         model = build_model(args, state, max_len=ids.shape[1] + 1)
         x = model.embed(ids).float()
         per_layer = model.layer_inputs(0, ids.shape[1], ids.device)

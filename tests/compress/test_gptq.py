@@ -127,7 +127,9 @@ def test_gptq_then_eora_reduces_the_weighted_error(llama_dir, tmp_path):
                                           ("int8,gptq", "only one precision step"),
                                           ("gptq(desc_act=maybe)", "not a valid bool"),
                                           ("eora(rank=4)", "right after gptq or int8"),
-                                          ("gptq,eora,wanda(pattern=2:4)", "keeps an adapter")])
+                                          ("gptq,eora,wanda(pattern=2:4)", "keeps an adapter"),
+                                          ("gptq(calib=svamp-dev)", "calib part 'svamp-dev'"),
+                                          ("gptq,eora(calib=text+gsm8k)", "calib part 'gsm8k'")])
 def test_bad_gptq_recipes_are_refused(llama_dir, tmp_path, recipe, match):
     with pytest.raises(RecipeError, match=match):
         build_artifact(llama_dir, tmp_path / "bad", recipe)
@@ -184,3 +186,33 @@ def test_ragged_groups_are_served_but_not_claimed_hf_loadable(llama_dir, tmp_pat
     assert m["hf_loadable"] is False and "divisible by group_size 48" in m["hf_blocker"]
     assert "hf_requires" not in m
     load_model(art)
+
+
+def test_task_calibration_windows_are_the_served_task_prompts():
+    from compress.calibration import CalibConfig, calibration_ids, task_calibration_ids
+    from tests.helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    wins = task_calibration_ids(tok, "svamp-train", CalibConfig(samples=4, seq_len=64))
+    assert [len(w) for w in wins] == [64] * 4 and wins == task_calibration_ids(tok, "svamp-train", CalibConfig(4, 64))
+    text = tok.decode([t for w in wins for t in w])
+    assert "The answer is" in text and "<|im_start|>user" in text  # chat-formatted CoT examples, packed
+    assert wins != calibration_ids(tok, CalibConfig(samples=4, seq_len=64))
+    with pytest.raises(ValueError, match="calibration tokens"):
+        task_calibration_ids(tok, "svamp-train", CalibConfig(samples=10_000, seq_len=256))
+
+
+def test_gptq_calibrated_on_the_task_quantizes_differently(llama_dir, tmp_path):
+    """calib=svamp-train changes the Hessian GPTQ spreads errors with, so the codes; a mix splits the windows."""
+    from compress.calibration import step_calibration_ids
+
+    mixed = step_calibration_ids({"model_dir": llama_dir}, 5, 32, "text+svamp-train")
+    assert len(mixed) == 5 and mixed[:3] == step_calibration_ids({"model_dir": llama_dir}, 3, 32, "text")
+    assert mixed[3:] == step_calibration_ids({"model_dir": llama_dir}, 2, 32, "svamp-train")
+    arts = {c: build_artifact(llama_dir, tmp_path / c, f"gptq(group_size=32,calib_samples=4,calib_seq_len=64,calib={c})")
+            for c in ("text", "svamp-train")}
+    states = {c: load_state(a) for c, a in arts.items()}
+    qw = [k for k in states["text"] if k.endswith(".qweight")]
+    assert qw and any(not torch.equal(states["text"][k], states["svamp-train"][k]) for k in qw)
+    step = json.loads((arts["svamp-train"] / "manifest.json").read_text())["steps"][0]
+    assert step["params"]["calib"] == "svamp-train"
