@@ -78,9 +78,11 @@ class SlotKVCache:
     not hold slots x max_len of memory.
     """
 
+    INITIAL_LEN = 256  # positions per row allocated up front
+
     def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 k_heads: list[int] | None = None, initial_len: int = 256):
+                 k_heads: list[int] | None = None, initial_len: int | None = None):
         self.k_heads = k_heads or [n_kv_heads] * n_layers
         self.n_kv, self.hd, self.dtype, self.device = n_kv_heads, head_dim, dtype, device
         self.slots, self.max_len = slots, max_len
@@ -88,7 +90,8 @@ class SlotKVCache:
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.reserve(min(initial_len, max_len))
+        self.initial = min(initial_len or self.INITIAL_LEN, max_len)
+        self.reserve(self.initial)
 
     def reserve(self, length: int) -> None:
         """Make room for `length` positions per row (at least doubling, so growth is rare)."""

@@ -72,7 +72,26 @@ def test_batched_greedy_decode_equals_each_request_alone(model):
     got = run(engine, {0: seqs[:3], 4: seqs[3:]})  # the 5th waits for the 2nd's slot
     for seq, (p, sp) in zip(seqs, specs):
         assert got[seq] == alone(model, p, sp)
-    assert not engine.has_work and sorted(engine.free) == [0, 1, 2, 3] and engine.cache is None
+    assert not engine.has_work and sorted(engine.free) == [0, 1, 2, 3]
+    assert engine.cache is not None and engine.cache.capacity == engine.cache.initial  # kept: not grown
+
+
+def test_an_idle_engine_reuses_its_cache_and_gives_back_a_grown_one(model, monkeypatch):
+    """Requests after idle reuse the starting-size cache (its rows hold earlier requests' stale
+    keys) and still equal the request alone; a cache grown past its starting size is dropped."""
+    from engine.kv_cache import SlotKVCache
+
+    monkeypatch.setattr(SlotKVCache, "INITIAL_LEN", 32)  # the tiny model's max_len is 128
+    v = model.args.vocab_size
+    engine = BatchEngine(model, BatchConfig(max_num_seqs=2, prefill_chunk=64))
+    run(engine, {0: [Sequence(_prompt(20, v), greedy(6), set())]})
+    kept = engine.cache
+    assert kept is not None and kept.capacity == 32
+    p, sp = _prompt(9, v), greedy(8)
+    second = Sequence(p, sp, set())
+    assert run(engine, {0: [second]})[second] == alone(model, p, sp) and engine.cache is kept
+    run(engine, {0: [Sequence(_prompt(30, v), greedy(10), set())]})  # 40 positions: the rows grow
+    assert engine.cache is None
 
 
 def test_eos_finishes_only_its_row(model):
