@@ -31,10 +31,14 @@ def calibration_ids(tokenizer, cfg: CalibConfig) -> list[list[int]]:
     """Consecutive windows of the calibration split (disjoint from the eval split)."""
     from .data import calibration_text
 
-    ids = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
+    return _windows(tokenizer(calibration_text(), add_special_tokens=False)["input_ids"], cfg, "calibration text")
+
+
+def _windows(ids: list[int], cfg: CalibConfig, source: str) -> list[list[int]]:
+    """cfg.samples consecutive windows of cfg.seq_len tokens from the start of ids."""
     need = cfg.samples * cfg.seq_len
     if len(ids) < need:
-        raise ValueError(f"calibration text has {len(ids)} tokens, {need} requested")
+        raise ValueError(f"{source}: {len(ids)} calibration tokens, {need} requested")
     return [ids[i * cfg.seq_len:(i + 1) * cfg.seq_len] for i in range(cfg.samples)]
 
 
@@ -91,11 +95,7 @@ def task_calibration_ids(tokenizer, task: str, cfg: CalibConfig) -> list[list[in
     the activations the served task prompts produce, not documentation prose."""
     from .task_data import task_examples
 
-    ids = [t for ex in task_examples(tokenizer, task)[0] for t in ex.ids]
-    need = cfg.samples * cfg.seq_len
-    if len(ids) < need:
-        raise ValueError(f"task {task} has {len(ids)} calibration tokens, {need} requested")
-    return [ids[i * cfg.seq_len:(i + 1) * cfg.seq_len] for i in range(cfg.samples)]
+    return _windows([t for ex in task_examples(tokenizer, task)[0] for t in ex.ids], cfg, f"task {task}")
 
 
 def step_calibration_ids(ctx: dict, samples: int, seq_len: int, calib: str = TEXT) -> list[list[int]]:
