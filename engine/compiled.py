@@ -9,9 +9,14 @@ step is one graph (gpt-fast's design), with shapes that do not change from step 
     first, so that is usually exactly the running rows): a free or prefilling row inside it
     computes a throw-away token, written past its valid length (the last reserved position),
     so no row's data changes and rows are read as a slice of the cache, never gathered;
-  - positions, the keys each row may see and the RoPE rows are tensors, not Python ints; B
-    and the attended length S are the dynamic sizes. Dynamo specializes a size of 1, so
-    there are two graphs per model, B = 1 and B >= 2, both compiled by `warm_up`.
+  - positions, the keys each row may see and the RoPE rows are tensors, not Python ints; B,
+    the attended length S and the cache's capacity are the dynamic sizes, marked as such on
+    the tensors (`_mark_dynamic`); everything else is static. Dynamo specializes a size of 1,
+    so there are two graphs per model, B = 1 and B >= 2, both compiled by `warm_up`.
+    `dynamic=True` was measured first: it made every float attribute of the model (norm eps
+    and offsets, attention scales, RoPE bases: 184 on SmolLM2) a graph input, which a step
+    then rebuilt as 155 small tensors before the graph ran (0.7-0.8 ms of a ~10 ms step,
+    profiled), kept inductor from folding them, and guarded every weight's dimensions.
 A fixed B = max_num_seqs (one graph) was measured first: one stream then paid for eight
 (TPOT 52.8 ms against 30.1 eager on SmolLM2 int8, 2 cores).
 
@@ -75,8 +80,10 @@ def _step_rows(*args) -> torch.Tensor:
 # those graphs keep the kernels and inductor's defaults. Both: emulate_precision_casts rounds
 # bf16 intermediates as eager does, so compiled logits agree with eager ones to the last bits
 # of a product's summation, not to 1-6% (tiny int8 model).
-_OPTIONS = {True: {"realize_opcount_threshold": 0, "emulate_precision_casts": True},
-            False: {"emulate_precision_casts": True}}
+# size_asserts off: dynamo's guards already check every input's shape, and the graph's Python
+# wrapper otherwise re-checked each of its ~580 inputs on every step (p10 step 9.8 vs 10.3 ms).
+_OPTIONS = {True: {"realize_opcount_threshold": 0, "emulate_precision_casts": True, "size_asserts": False},
+            False: {"emulate_precision_casts": True, "size_asserts": False}}
 _compiled: dict[bool, object] = {}
 
 
@@ -85,8 +92,21 @@ def _compiled_step(one_row: bool):
     later reuses what `warm_up` compiled."""
     if one_row not in _compiled:
         fn = _step_one_row if one_row else _step_rows
-        _compiled[one_row] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS[one_row])
+        _compiled[one_row] = torch.compile(fn, dynamic=None, fullgraph=True, options=_OPTIONS[one_row])
     return _compiled[one_row]
+
+
+def _mark_dynamic(cache: SlotKVCache, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> None:
+    """The sizes that change from step to step, for dynamo to trace as symbols: S (keys), the
+    cache's capacity (it grows) and, with two or more rows, B. A cache tensor keeps its mark,
+    so each is marked once (a step checks 2 x layers attributes, not 4 x layers calls)."""
+    torch._dynamo.mark_dynamic(keys, 0)
+    if ids.shape[0] > 1:
+        torch._dynamo.mark_dynamic(ids, 0)
+        torch._dynamo.mark_dynamic(pos, 0)
+    for t in cache.k + cache.v:
+        if not hasattr(t, "_dynamo_dynamic_indices"):
+            torch._dynamo.mark_dynamic(t, 2)
 
 
 class CompiledDecode:
@@ -110,10 +130,9 @@ class CompiledDecode:
         idle = cache.capacity - 1
         pos = torch.tensor([cache.lens[s] if s in tokens else idle for s in range(b)], device=dev)
         ids = torch.tensor([[tokens.get(s, 0)] for s in range(b)], device=dev)
-        for t in cache.k + cache.v:  # heads and head size never change: no symbols for dynamo to confuse
-            torch._dynamo.mark_static(t, 1)  # with B or S when their values happen to be equal
-            torch._dynamo.mark_static(t, 3)
-        logits = _compiled_step(b == 1)(self.model, ids, pos, torch.arange(end, device=dev), cache.k, cache.v)
+        keys = torch.arange(end, device=dev)
+        _mark_dynamic(cache, ids, pos, keys)
+        logits = _compiled_step(b == 1)(self.model, ids, pos, keys, cache.k, cache.v)
         for r in rows:
             cache.lens[r] += 1
         return logits[rows]
