@@ -73,16 +73,20 @@ def _step_rows(*args) -> torch.Tensor:
 
 # Two callables, because dynamo keeps compiled graphs per function and the batch-1 graph is
 # compiled with other options. Batch 1 (engine/quant.py `_rows_times_int8`,
-# `Attention._one_query`): realize_opcount_threshold 0 stores a value that a loop reads many
-# times instead of recomputing it at each read; otherwise inductor inlined each RMSNorm (a
-# scalar sqrt per element) into the int8 products that read it, once per weight element.
+# `Attention._one_query`): a low realize_opcount_threshold stores a value that a loop reads many
+# times instead of recomputing it at each read; at the default (30) inductor inlined each RMSNorm
+# (a scalar sqrt per element) into the int8 products that read it, once per weight element
+# (SmolLM2 step ~20 ms). 0 also stored the attention's broadcast products (9 heads x S x 64
+# floats, twice a layer): 8.5 us a cached position against 5 at 4, which still stores the norms
+# (step at S 128-188, interleaved, median of 8 rounds: 9.4 ms at 4, 9.8 at 0, 9.8 at 2; 8 inlines
+# the norms again, 12 ms).
 # With two or more rows the same option stored the products' broadcasts (about 1 ms each):
 # those graphs keep the kernels and inductor's defaults. Both: emulate_precision_casts rounds
 # bf16 intermediates as eager does, so compiled logits agree with eager ones to the last bits
 # of a product's summation, not to 1-6% (tiny int8 model).
 # size_asserts off: dynamo's guards already check every input's shape, and the graph's Python
 # wrapper otherwise re-checked each of its ~580 inputs on every step (p10 step 9.8 vs 10.3 ms).
-_OPTIONS = {True: {"realize_opcount_threshold": 0, "emulate_precision_casts": True, "size_asserts": False},
+_OPTIONS = {True: {"realize_opcount_threshold": 4, "emulate_precision_casts": True, "size_asserts": False},
             False: {"emulate_precision_casts": True, "size_asserts": False}}
 _compiled: dict[bool, object] = {}
 
