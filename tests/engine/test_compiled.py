@@ -87,6 +87,25 @@ def test_serving_after_warm_up_never_compiles(model):
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_same_shaped_models_keep_their_own_graphs(llama_dir):
+    """Two models with the same weights and shapes but other constants (norm epsilon, RoPE
+    base), which the graphs hold as constants: each model gets its own compiled function, so
+    skipping guards after the first traced call (engine/compiled.py `_Compiled`) never runs
+    one model's graph for the other; both give their eager tokens."""
+    config, state = load_hf_dir(llama_dir)
+    a = build_model(ModelArgs.from_hf_config(config), state, max_len=128)
+    b = build_model(ModelArgs.from_hf_config({**config, "rms_norm_eps": 1.0, "rope_theta": 10.0}), state, max_len=128)
+    for m in (a, b):
+        CompiledDecode(m).warm_up(SLOTS)
+    v = a.args.vocab_size
+    specs = [(_prompt(8, v), greedy(10)), (_prompt(5, v), greedy(6))]
+    for m in (a, b, a):  # back to a: its graph is still its own
+        for p, sp in specs:
+            seq = Sequence(p, sp, set())
+            assert run(compiled_engine(m), {0: [seq]})[seq] == alone(m, p, sp)
+    assert alone(a, *specs[0]) != alone(b, *specs[0])  # the two models do differ
+
+
 def test_chai_models_stay_eager(llama_dir):
     m = tiny_chai_model(llama_dir, 64)
     assert not CompiledDecode.supports(m)
