@@ -101,8 +101,16 @@ class _Compiled:
         # which torch documents skip_guard_eval_unsafe as safe. Outside inference mode (where
         # the graph was not traced) the guards run.
         if self.traced and torch.is_inference_mode_enabled():
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self.fn(*args)
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self.fn(*args)
+            except RuntimeError as e:  # raised before the graph runs: no input was touched
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
+                # torch found no graph of this function for these inputs (a guard failed: e.g.
+                # other strides; S equal to the capacity was one until `CompiledDecode` kept
+                # the capacity above S): compiled now with the guards on, then told apart from
+                # the first graph by the guards that differ
         out = self.fn(*args)
         self.traced = self.traced or torch.is_inference_mode_enabled()
         return out
@@ -153,7 +161,10 @@ class CompiledDecode:
         rows = sorted(tokens)
         b = rows[-1] + 1
         end = max(cache.lens[r] for r in rows) + 1
-        cache.reserve(max(max(cache.lens[:b]) + 1, end))  # room past every row: idle rows write there
+        # room past every row (idle rows write there), and one more: the graphs are traced with
+        # S below the capacity and guard S != capacity (equal, it was a recompile mid-request).
+        # S < capacity holds even at max_len: a row's end is at most max_len - 1
+        cache.reserve(min(max(max(cache.lens[:b]) + 1, end) + 1, cache.max_len))
         idle = cache.capacity - 1
         pos = torch.tensor([cache.lens[s] if s in tokens else idle for s in range(b)], device=dev)
         ids = torch.tensor([[tokens.get(s, 0)] for s in range(b)], device=dev)

@@ -87,6 +87,50 @@ def test_serving_after_warm_up_never_compiles(model):
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_decoding_across_the_cache_capacity_never_compiles(llama_dir):
+    """A row that grows the slot cache past its starting 256 positions: the engine keeps the
+    capacity above the attended length, so the graphs warmed up serve it (the graph traced with
+    S below the capacity guards S != capacity: equal, it was a recompile mid-request, and with
+    the guards skipped an error)."""
+    from torch._dynamo.utils import counters
+
+    config, state = load_hf_dir(llama_dir)
+    m = build_model(ModelArgs.from_hf_config(config), state, max_len=300)
+    CompiledDecode(m).warm_up(SLOTS)
+    before = counters["stats"]["unique_graphs"]
+    v = m.args.vocab_size
+    specs = [(_prompt(250, v), greedy(12)), (_prompt(40, v), greedy(9))]
+    seqs = [Sequence(p, sp, set()) for p, sp in specs]
+    got = run(compiled_engine(m), {0: seqs})
+    assert counters["stats"]["unique_graphs"] == before
+    for seq, (p, sp) in zip(seqs, specs):
+        assert got[seq] == alone(m, p, sp)
+
+
+def test_a_case_no_graph_covers_is_compiled_not_run_on_the_wrong_graph(model):
+    """With the guards skipped, an input the traced graph does not cover (here cache tensors
+    that are views into wider buffers: other strides) raises in torch before the graph runs;
+    the step then compiles it with the guards on, and gives the eager step's logits."""
+    v = model.args.vocab_size
+    p = _prompt(9, v)
+    with torch.inference_mode():
+        cache = model.new_slot_cache(SLOTS)
+        cache.reserve(len(p) + 2)
+        model.forward_rows(torch.tensor([p]), cache.view([0]))
+        CompiledDecode(model)(cache, {0: 3})  # traced already by warm_up; guards skipped from here
+        cache.lens[0] -= 1
+        want = model.forward_rows(torch.tensor([[3]]), cache.view([0]), last_only=True)[0, -1]
+        cache.lens[0] -= 1
+        for tensors in (cache.k, cache.v):
+            for i, t in enumerate(tensors):
+                wide = torch.zeros(*t.shape[:2], t.shape[2] + 5, t.shape[3], dtype=t.dtype)
+                wide[:, :, :t.shape[2]] = t
+                tensors[i] = wide[:, :, :t.shape[2]]
+        got = CompiledDecode(model)(cache, {0: 3})[0]
+    rel = (got.float() - want.float()).norm() / want.float().norm()
+    assert rel < 1e-5, rel
+
+
 def test_same_shaped_models_keep_their_own_graphs(llama_dir):
     """Two models with the same weights and shapes but other constants (norm epsilon, RoPE
     base), which the graphs hold as constants: each model gets its own compiled function, so
