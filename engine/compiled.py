@@ -68,16 +68,16 @@ def _step(model: Transformer, ids: torch.Tensor, pos: torch.Tensor, keys: torch.
     return model._run(ids, model.inputs_at(pos[:, None], keys), _Slots(ks, vs, pos, keys.shape[0]), True)[:, -1]
 
 
-# The batch-1 graph (engine/quant.py `_rows_times_int8`,
-# `Attention._one_query`): a low realize_opcount_threshold stores a value that a loop reads many
-# times instead of recomputing it at each read; at the default (30) inductor inlined each RMSNorm
+# The batch-1 graph (its int8 products are engine/quant.py `_rows_times_int8`): a low
+# realize_opcount_threshold stores a value that a loop reads many times instead of
+# recomputing it at each read; at the default (30) inductor inlined each RMSNorm
 # (a scalar sqrt per element) into the int8 products that read it, once per weight element
 # (SmolLM2 step ~20 ms). 0 also stored the attention's broadcast products (9 heads x S x 64
 # floats, twice a layer): 8.5 us a cached position against 5 at 4, which still stores the norms
 # (step at S 128-188, interleaved, median of 8 rounds: 9.4 ms at 4, 9.8 at 0, 9.8 at 2; 8 inlines
 # the norms again, 12 ms).
-# With two or more rows the same option stored the products' broadcasts (about 1 ms each):
-# those graphs keep the kernels and inductor's defaults. Both: emulate_precision_casts rounds
+# With two or more rows the same option stored the int8 products' broadcasts (about 1 ms
+# each): those graphs keep the int8 kernel and inductor's defaults. Both: emulate_precision_casts rounds
 # bf16 intermediates as eager does, so compiled logits agree with eager ones to the last bits
 # of a product's summation, not to 1-6% (tiny int8 model).
 # size_asserts off: dynamo's guards already check every input's shape, and the graph's Python
