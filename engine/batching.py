@@ -21,12 +21,21 @@ One `step()`:
 Sampling is per sequence, with its own SamplingParams and seeded torch.Generator, so a seeded
 request samples the same tokens alone or in a batch. The per-sequence `StepOutput` is exactly
 what `generate` yields for one request, so the text layer (`engine.textgen`) serves both.
+A greedy sequence with `lookup_draft` (the hybrid loop's condensations) decodes with
+prompt-lookup drafts instead: its rows run in a forward of their own over T = 1 + draft
+tokens, and a step may add several tokens (`StepOutput.drafted`).
+
+A job made of several sequences (the hybrid loop's stages) is a generator that yields
+`Join(model, seq)` to put a sequence into that model's batch and None to wait a step, and
+reads `seq.out` as it grows; the server's scheduler steps its batches for it, `drive` runs one
+alone.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +44,7 @@ from .compiled import CompiledDecode
 from .generate import SamplingParams, StepOutput, constrained_sample, make_generator, row_end, token_logprobs
 from .grammar import RowGrammars
 from .kv_cache import SlotKVCache
+from .lookup import accepted, propose
 from .prefix_cache import PrefixCache
 
 
@@ -64,6 +74,7 @@ class Sequence:
     cached_tokens: int = 0  # of those, copied from the prefix cache instead of prefilled
     steps: int = 0  # tokens sampled per row so far
     done: bool = False  # nothing more will come: finished, out of tokens, or cancelled
+    error: BaseException | None = None  # set with done when the batch's forward failed (by its driver)
 
     def __post_init__(self):
         n = self.params.n
@@ -72,6 +83,7 @@ class Sequence:
         self.out: list[list[int]] = [[] for _ in range(n)]  # per row: every sampled token
         self.gen = make_generator(self.params.seed)
         self.grammars = RowGrammars(self.params.grammar, n) if self.params.grammar is not None else None
+        self.grammar_ended = [False] * n  # per row: its grammar's document is complete
 
     @property
     def admitted(self) -> bool:
@@ -110,6 +122,8 @@ class BatchEngine:
                              f"{self.model.max_len}")
         if not seq.prompt_ids or p.max_tokens < 1:
             raise ValueError("a sequence needs a prompt and at least one token to generate")
+        if p.lookup_draft and (p.temperature > 0 or p.n > 1 or p.grammar is not None or p.logprobs is not None):
+            raise ValueError("lookup drafts need greedy decoding of one row without a grammar or logprobs")
         self.waiting.append(seq)
 
     @property
@@ -125,7 +139,10 @@ class BatchEngine:
         self._retire()
         self._admit()
         decoding = [s for s in self.running if s.decoding]  # before prefill: a prompt finishing now samples there
-        out = self._decode(decoding) if decoding else {}
+        plain = [s for s in decoding if not s.params.lookup_draft]
+        drafting = [s for s in decoding if s.params.lookup_draft]
+        out = self._decode(plain) if plain else {}
+        out.update(self._decode_drafts(drafting) if drafting else {})
         out.update(self._prefill())
         for seq in out:
             if seq.steps >= seq.params.max_tokens:
@@ -196,6 +213,39 @@ class BatchEngine:
             out[seq] = self._sample(seq, logits[at], [rows[j][2] for j in at])
         return out
 
+    def _decode_drafts(self, seqs: list[Sequence]) -> dict[Sequence, StepOutput]:
+        """One forward for the rows of greedy `lookup_draft` sequences: each row feeds its last
+        token and a prompt-lookup draft (padded to the longest), keeps the draft tokens the
+        model confirms plus the model's next one, and rewinds its length past the rest."""
+        rows = sorted((seq.slots[0], seq) for seq in seqs)
+        slots = [slot for slot, _ in rows]
+        room = self.model.max_len - max(self.cache.lens[s] for s in slots) - 1  # padding counts too
+        drafts = [propose(seq.prompt_ids + seq.out[0],
+                          max(0, min(seq.params.lookup_draft, seq.params.max_tokens - seq.steps - 1, room)))
+                  for _, seq in rows]
+        t = 1 + max(map(len, drafts))
+        self.cache.reserve(max(self.cache.lens[s] for s in slots) + t)
+        ids = torch.tensor([[seq.last[0]] + d + [0] * (t - 1 - len(d)) for (_, seq), d in zip(rows, drafts)],
+                           device=self.model.device)
+        view = self.cache.view(slots)
+        greedy = self.model.forward_rows(ids, view).argmax(-1).tolist()  # (B, T): the choice after each fed token
+        out = {}
+        for (slot, seq), draft, g, start in zip(rows, drafts, greedy, view.starts):
+            m = accepted(draft, g)
+            new, eos = [], False
+            for tok in draft[:m] + [g[m]]:
+                new.append(tok)
+                eos, _ = row_end(tok, False, seq.eos_ids, seq.params.ignore_eos)
+                if eos or seq.steps + len(new) >= seq.params.max_tokens:
+                    break
+            self.cache.lens[slot] = start + len(new)  # positions of [last] + new[:-1]: what was fed and kept
+            seq.out[0] += new
+            seq.last[0] = new[-1]
+            seq.steps += len(new)
+            seq.finished[0] = seq.finished[0] or eos
+            out[seq] = StepOutput([new[-1]], [True], [eos], drafted=[new[:-1]])
+        return out
+
     def _prefill(self) -> dict[Sequence, StepOutput]:
         budget, out = self.cfg.prefill_chunk, {}
         for seq in self.running:
@@ -232,6 +282,7 @@ class BatchEngine:
             out.eos[i], grammar_end = row_end(t, ended[j], seq.eos_ids, p.ignore_eos)
             if out.ended is not None:
                 out.ended[i] = grammar_end
+            seq.grammar_ended[i] = grammar_end
             seq.finished[i] = seq.finished[i] or out.eos[i] or grammar_end
             seq.last[i] = t
             seq.out[i].append(t)
@@ -239,3 +290,26 @@ class BatchEngine:
                 out.logprobs[i] = lps[j]
         seq.steps += 1
         return out
+
+
+@dataclass
+class Join:
+    """What a job of several sequences yields to put `seq` into `model`'s batch."""
+    model: object
+    seq: Sequence
+
+
+def drive(events: Iterator, cfg: BatchConfig | None = None, prefix_cache: PrefixCache | None = None) -> Iterator:
+    """Run such a job alone (scripts, tests): its sequences in engines of its own, one step
+    whenever it waits (yields None); its other items are passed on."""
+    engines: dict[int, BatchEngine] = {}
+    for ev in events:
+        if isinstance(ev, Join):
+            engine = engines.setdefault(id(ev.model), BatchEngine(ev.model, cfg, prefix_cache))
+            engine.add(ev.seq)
+        elif ev is None:
+            for engine in engines.values():
+                if engine.has_work:
+                    engine.step()
+        else:
+            yield ev

@@ -31,6 +31,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top k
     grammar: Grammar | None = None  # structured output: every row's text must match it
+    # prompt-lookup draft tokens checked per step (engine.lookup; BatchEngine only): greedy, one
+    # row, no grammar or logprobs; the same tokens, several per forward where the output copies
+    # its input (a condensed prompt). 0: one token a step
+    lookup_draft: int = 0
 
 
 @dataclass
@@ -45,6 +49,9 @@ class StepOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     # per row: the grammar ended the row with this (non-EOS) token; its text counts, then "stop"
     ended: list[bool] | None = None
+    # per row: tokens confirmed from a prompt-lookup draft this step, which came before
+    # `tokens[i]` (SamplingParams.lookup_draft); None when the sequence has no drafts
+    drafted: list[list[int]] | None = None
 
 
 def row_end(token: int, grammar_ended: bool, eos_ids: set[int], ignore_eos: bool) -> tuple[bool, bool]:

@@ -8,17 +8,20 @@
     the large model answers P
 
 Earlier chat turns stay in the large model's context unchanged; only the last user turn
-is replaced by P. Each model keeps one KV cache per request (`PrefixKV`): a new prompt
-reuses the cached positions it shares with the previous one (the chat template's system
-header and turn markers for the large model; `<bos><|prompt|>` and any unchanged prompt
-text for the memory model) and only the rest is prefilled.
+is replaced by P. Every stage is a sequence in its model's continuous batch
+(`engine.batching`): the large model's chain-of-thought and answer decode in the same forward
+as plain requests, the memory model's condensations of concurrent requests together. A stage
+ends by marking its sequence finished; the batch then leaves its KV in the prefix cache, so
+the next stage prefills only what it does not share with the last (the chat template's system
+header and turn markers for the large model; `<bos><|prompt|>` and any unchanged prompt text
+for the memory model).
 
-Events for the serving layer (`engine.events`): `Reasoning` while thinking, then the same
-`TokenStep` / `Usage` events as plain generation, with `Stats(HybridStats)` before `Usage`;
-None between the memory model's tokens (nothing to send: the worker steps its batch there).
-The memory model is reached through a `Condenser` (its `steps` yield between tokens, the text
-is their return value); the truncation control and test stubs are plain functions, text in,
-text out.
+The job is a generator: `Join(model, seq)` puts a stage's sequence into a batch, None waits for
+a batch step (the scheduler, or `engine.batching.drive` outside a server), and the events for
+the serving layer (`engine.events`): `Reasoning` while thinking, then the same `TokenStep` /
+`Usage` events as plain generation, with `Stats(HybridStats)` before `Usage`. The memory model is
+reached through a `Condenser` (its `steps` are such a generator, the text their return value);
+the truncation control and test stubs are plain functions, text in, text out.
 """
 
 from __future__ import annotations
@@ -26,17 +29,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from engine.batching import Join, Sequence
 from engine.detok import IncrementalDetokenizer, StopMatcher
 from engine.events import Delta, Event, Reasoning, Stats, TokenStep, Usage
-from engine.generate import SamplingParams, decode_one_token, make_generator, prefill
-from engine.grammar import RowGrammars
-from engine.lookup import accepted, propose
+from engine.generate import SamplingParams, make_generator
 from engine.runner import LoadedModel
-from engine.sampling import sample
 from memory_model.condense import MemoryModel
 from memory_model.large import answer_messages, cot_messages
 
@@ -81,83 +82,41 @@ class HybridStats:
         return asdict(self)
 
 
-class PrefixKV:
-    """One model's KV cache for a request; `feed` reuses the longest shared prefix."""
-
-    def __init__(self, model, capacity: int, stats: ModelStats):
-        self.model, self.stats = model, stats
-        self.cache = model.new_cache(1, capacity)
-        self.ids: list[int] = []  # exactly the tokens whose K/V the cache holds
-
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        if len(ids) > self.cache.max_len:
-            raise ValueError(f"hybrid stage needs {len(ids)} tokens of context, over the {self.cache.max_len} "
-                             "reserved for this request")
-        shared = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, len(ids) - 1)  # at least one token must run to get logits
-        self.cache.rewind(shared)
-        self.stats.cached_tokens += shared
-        self.stats.prompt_tokens += len(ids) - shared
-        t = torch.tensor([ids[shared:]], dtype=torch.long, device=self.model.device)
-        self.ids = list(ids)
-        return prefill(self.model, t, self.cache)
-
-    def step(self, token: int) -> torch.Tensor:
-        self.ids.append(token)
-        return decode_one_token(self.model, torch.tensor([token], device=self.model.device), self.cache)
-
-    def extend(self, tokens: list[int]) -> torch.Tensor:
-        """Feed several tokens at once: logits (len(tokens), V), row i predicting after tokens[i]."""
-        self.ids += tokens
-        return self.model(torch.tensor([tokens], device=self.model.device), self.cache)[0]
-
-    def truncate(self, n: int) -> None:
-        """Keep the first n positions (drop a rejected draft)."""
-        self.cache.rewind(n)
-        del self.ids[n:]
-
-
-def _decode(kv: PrefixKV, ids: list[int], max_new: int, eos: set[int], pick: Callable[[torch.Tensor], int],
-            cancel: threading.Event) -> Iterator[int]:
-    """Yield sampled tokens until EOS (not yielded), max_new, cancel, or the caller stops."""
-    logits = kv.feed(ids)
-    for i in range(max_new):
-        if cancel.is_set():
-            return
-        tok = pick(logits)
-        if tok in eos:
-            return
-        yield tok
-        if i < max_new - 1:
-            logits = kv.step(tok)
-
-
-def _lookup_decode(kv: PrefixKV, ids: list[int], max_new: int, eos: set[int], cancel: threading.Event,
-                   draft_tokens: int = 8) -> Iterator[int]:
-    """`_decode` with greedy picks, checking prompt-lookup drafts (engine/lookup.py) several
-    tokens per forward; the same tokens."""
-    tok, n = int(kv.feed(ids)[0].argmax()), 0
-    while not cancel.is_set() and tok not in eos:
-        yield tok
-        n += 1
-        if n >= max_new:
-            return
-        draft = propose(kv.ids + [tok], min(draft_tokens, max_new - n))
-        greedy = kv.extend([tok] + draft).argmax(-1).tolist()
-        m = accepted(draft, greedy)
-        kv.truncate(len(kv.ids) - (len(draft) - m))
-        for t in draft[:m]:
-            if cancel.is_set() or t in eos:
+def _stream(model, seq: Sequence, eos: set[int]) -> Iterator[int | Join | None]:
+    """A stage's sequence in its model's batch, token by token: `Join` first, then each token
+    as the batch samples it (EOS ends the stream, not yielded), None while waiting for a step.
+    A caller that has what it needs marks `seq.finished` and stops reading: the batch retires
+    the row at its next step, leaving its KV to the prefix cache for the next stage."""
+    yield Join(model, seq)
+    n = 0
+    try:
+        while True:
+            if seq.error is not None:
+                raise seq.error
+            new = seq.out[0][n:]
+            n += len(new)
+            for tok in new:
+                if tok in eos:
+                    return
+                yield tok
+            if seq.done:
                 return
-            yield t
-            n += 1
-            if n >= max_new:
-                return
-        tok = greedy[m]
+            yield None
+    finally:  # however the reader stopped (done, enough, closed), the row leaves the batch
+        seq.finished[:] = [True] * len(seq.finished)
+
+
+def _stage_seq(ids: list[int], params: SamplingParams, eos: set[int], cancel: threading.Event,
+               gen: torch.Generator | None = None) -> Sequence:
+    seq = Sequence(list(ids), params, eos, cancel=cancel)
+    if gen is not None:  # one generator for all of a request's sampled stages: seeded requests repeat
+        seq.gen = gen
+    return seq
+
+
+def _count_prompt(stats: ModelStats, seq: Sequence) -> None:
+    stats.cached_tokens += seq.cached_tokens
+    stats.prompt_tokens += len(seq.prompt_ids) - seq.cached_tokens
 
 
 def context_budget(n_prompt: int, hp: HybridParams, answer_tokens: int) -> int:
@@ -172,23 +131,31 @@ def context_budget(n_prompt: int, hp: HybridParams, answer_tokens: int) -> int:
 
 
 class Condenser:
-    """(P, chain-of-thought) -> the next P, with the memory model's KV cache kept across
-    loops (`PrefixKV`); greedy, as the memory model was trained and evaluated."""
+    """(P, chain-of-thought) -> the next P, written by the memory model in its own batch
+    (memory-model stages of concurrent requests decode together); greedy, as the memory model
+    was trained and evaluated, with prompt-lookup drafts (a condensed prompt mostly restates its
+    input: several tokens per forward, the same greedy output). Across loops the shared
+    `<bos><|prompt|>` prefix comes back from the prefix cache."""
+
+    LOOKUP_DRAFT = 8
 
     def __init__(self, mm: MemoryModel, stats: HybridStats):
         self.mm, self.stats = mm, stats
-        self.kv = PrefixKV(mm.model, mm.cfg.max_len, stats.small)
 
-    def steps(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> Generator[None, None, str]:
-        """The condensation token by token: None after each one (a point where the worker may
-        step the batch), the text as the generator's return value."""
+    def steps(self, prompt: str, cot: str, max_tokens: int, cancel: threading.Event) -> Generator[object, None, str]:
+        """The condensation: `Join` / None for the scheduler while it is written, the text as the
+        generator's return value."""
         ids = self.mm.input_ids(prompt, cot)
+        params = SamplingParams(max_tokens=self.mm.budget(ids, max_tokens), temperature=0.0,
+                                lookup_draft=self.LOOKUP_DRAFT)
+        seq = _stage_seq(ids, params, {self.mm.cfg.eos_id}, cancel)
         out = []
-        # a condensed prompt mostly restates its input: prompt-lookup drafts decode it several
-        # tokens per forward, with the same greedy output
-        for tok in _lookup_decode(self.kv, ids, self.mm.budget(ids, max_tokens), {self.mm.cfg.eos_id}, cancel):
-            out.append(tok)
-            yield None
+        for tok in _stream(self.mm.model, seq, {self.mm.cfg.eos_id}):
+            if isinstance(tok, int):
+                out.append(tok)
+            else:
+                yield tok
+        _count_prompt(self.stats.small, seq)
         self.stats.small.completion_tokens += len(out)
         self.stats.condensed_tokens += len(out)
         return self.mm.tok.decode(out).strip()
@@ -222,7 +189,6 @@ class _Request:
     sp: SamplingParams
     history: list[dict]  # earlier chat turns, kept unchanged
     stats: HybridStats
-    large_kv: PrefixKV
     gen: torch.Generator
     cancel: threading.Event
     on_tokens: Callable[[int], None]
@@ -232,25 +198,25 @@ class _Request:
         if self.hp.return_reasoning and text:
             yield Reasoning(text)
 
-    def pick(self, temperature: float, grammar: RowGrammars | None = None) -> Callable[[torch.Tensor], int]:
-        """Sample one token; within `grammar` (its row 0) when given (the caller consumes the token)."""
-        return lambda lg: int(sample(lg, temperature, self.sp.top_k, self.sp.top_p, self.gen,
-                                     grammar.allowed([0], lg.device) if grammar is not None else None)[0])
 
-
-def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | str]:
-    """The large model's chain-of-thought about P, up to cot_groups lines; streams it as
-    reasoning and yields the whole text (a str) last."""
+def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | Join | str | None]:
+    """The large model's chain-of-thought about P, up to cot_groups lines, as a sequence in the
+    large model's batch; streams it as reasoning and yields the whole text (a str) last."""
     t0, hp = time.perf_counter(), r.hp
     if hp.cot_groups == 0:  # the empty-CoT control: nothing to think, nothing to stream
         yield ""
         return
     ids, _ = r.lm.encode_chat(r.history + cot_messages(p))
+    params = SamplingParams(max_tokens=hp.cot_groups * hp.cot_group_tokens, temperature=hp.cot_temperature,
+                            top_p=r.sp.top_p, top_k=r.sp.top_k)
+    seq = _stage_seq(ids, params, r.lm.eos_ids, r.cancel, r.gen)
     detok = IncrementalDetokenizer(r.lm.tokenizer, ids)
     cot_text, groups, in_group, n_cot = "", 0, 0, 0
     yield from r.say(f"[loop {loop + 1}] reasoning:\n")
-    for tok in _decode(r.large_kv, ids, hp.cot_groups * hp.cot_group_tokens, r.lm.eos_ids,
-                       r.pick(hp.cot_temperature), r.cancel):
+    for tok in _stream(r.lm.model, seq, r.lm.eos_ids):
+        if not isinstance(tok, int):
+            yield tok
+            continue
         n_cot += 1
         r.on_tokens(1)
         piece = detok.push(tok)
@@ -261,10 +227,12 @@ def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | str]:
         if ("\n" in piece and cot_text.strip()) or in_group >= hp.cot_group_tokens:
             groups, in_group = groups + 1, 0
             if groups >= hp.cot_groups:
+                seq.finished[0] = True  # enough: the batch retires the row at its next step
                 break
     tail = detok.flush()  # an incomplete character held back at the end
     yield from r.say(tail)
     st = r.stats
+    _count_prompt(st.large, seq)
     st.raw_reasoning_tokens += n_cot
     st.large.completion_tokens += n_cot
     st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n_cot)
@@ -278,8 +246,9 @@ def plain_cot(text: str) -> str:
     return text.replace(OPEN, "").replace(CLOSE, "")
 
 
-def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event]:
-    """The large model answers from P: TokenStep events, the last with its finish reason."""
+def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event | Join | None]:
+    """The large model answers from P, a sequence in its batch: TokenStep events, the last with
+    its finish reason."""
     t0, sp, lm = time.perf_counter(), r.sp, r.lm
     # A reasoning model answers without thinking again: the loop has done its thinking, and a
     # second <think> block would spend the answer's tokens (Qwen3's switch, enable_thinking=False).
@@ -292,24 +261,29 @@ def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event]:
     detok = IncrementalDetokenizer(lm.tokenizer, ids)
     stops = StopMatcher(stop + [s for s in extra_stops if s not in stop])
     eos = set() if sp.ignore_eos else lm.eos_ids
-    grammar = RowGrammars(sp.grammar, 1) if sp.grammar is not None else None  # structured output / tools
+    # the batch samples within the grammar (structured output / tools) and ends the row with it
+    seq = _stage_seq(ids, replace(sp, n=1, stop=[], logprobs=None), lm.eos_ids, r.cancel, r.gen)
     n, finish = 0, None
-    for tok in _decode(r.large_kv, ids, sp.max_tokens, eos, r.pick(sp.temperature, grammar), r.cancel):
+    for tok in _stream(lm.model, seq, eos):
+        if not isinstance(tok, int):
+            yield tok
+            continue
         n += 1
         r.on_tokens(1)
-        ended = grammar is not None and grammar.advance([0], [tok])[0]
         text = stops.feed(detok.push(tok))
-        if ended and not stops.stopped:  # the document is complete
-            text += stops.feed(detok.flush()) + stops.flush()
-        finish = "stop" if stops.stopped or ended else None
+        if stops.stopped:
+            seq.finished[0] = True
+            finish = "stop"
         yield TokenStep([Delta(0, text, finish)], time.perf_counter())
         if finish:
             break
     if finish is None:
         text = stops.feed(detok.flush()) + stops.flush()
-        finish = "stop" if (n < sp.max_tokens or stops.stopped) and not r.cancel.is_set() else "length"
+        ended = seq.grammar_ended[0]  # the document is complete: its text counts, then "stop"
+        finish = "stop" if (n < sp.max_tokens or stops.stopped or ended) and not r.cancel.is_set() else "length"
         yield TokenStep([Delta(0, text, finish)], time.perf_counter())
     st = r.stats
+    _count_prompt(st.large, seq)
     st.large.completion_tokens += n
     st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n)
     st.seconds["answer"] += time.perf_counter() - t0
@@ -319,15 +293,15 @@ def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event]:
 
 
 def hybrid_work(lm: LoadedModel, mm: MemoryModel | None, messages: list[dict], hp: HybridParams,
-                sp: SamplingParams, capacity: int, stop: list[str], on_tokens: Callable[[int], None] = lambda n: None,
+                sp: SamplingParams, stop: list[str], on_tokens: Callable[[int], None] = lambda n: None,
                 condenser: Callable[[HybridStats], Callable[..., str]] | None = None):
     """Worker-side generator for one hybrid chat request (n = 1). `condenser(stats)` makes
-    the condensing function (default: the memory model `mm` with its own KV cache)."""
+    the condensing function (default: the memory model `mm`, a `Condenser`)."""
 
     def work(cancel: threading.Event) -> Iterator[Event]:
         st = HybridStats()
-        r = _Request(lm, hp, sp, messages[:-1], st, PrefixKV(lm.model, capacity, st.large),
-                     make_generator(sp.seed), cancel, on_tokens, thinks(getattr(lm.tokenizer, "chat_template", None)))
+        r = _Request(lm, hp, sp, messages[:-1], st, make_generator(sp.seed), cancel, on_tokens,
+                     thinks(getattr(lm.tokenizer, "chat_template", None)))
         p = messages[-1]["content"]
         if condenser:
             condense = condenser(st)

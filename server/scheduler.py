@@ -1,23 +1,25 @@
-"""The generation worker: one thread, off the event loop, that runs plain generation requests
-together in a continuous batch (one `engine.batching.BatchEngine` per model) and other jobs
-alone.
+"""The generation worker: one thread, off the event loop, that runs generation in continuous
+batches (one `engine.batching.BatchEngine` per model) and other jobs between their steps.
 
 Jobs start first come, first served:
 - a plain generation (`engine.textgen.TextRequest`) joins its model's batch as soon as
   `max_num_seqs` rows have room for its n samples; every batch step hands each running request
   its own TokenStep (text, finish reasons, logprobs), and Usage at its end; the batches share
   one prefix cache (`engine.prefix_cache`), whose entries each belong to one model;
-- an exclusive job - the hybrid loop (its stages are plain decodes of two models that could
-  join batches later), a model without a batched forward (ONNX Runtime), or n above
-  max_num_seqs - is a generator of events the worker advances by one event (a token; None
-  marks a step with nothing to send, e.g. a memory-model token) between batch steps, so
-  exclusive jobs and the batch progress together instead of the batch waiting for a whole
-  hybrid request; it holds min(n, max_num_seqs) rows while it runs.
+- any other job is a generator the worker advances between batch steps. The hybrid loop's
+  yields `Join(model, seq)` for each of its stages, which the worker adds to that model's batch
+  (the large model's stages decode with plain requests, the memory model's with each other),
+  and None while it waits for a step: the worker advances it until it waits, so it reads every
+  token its sequences got in the last step. A job that joins no batch - a model without a
+  batched forward (ONNX Runtime), or n above max_num_seqs - runs alone, one event (a token) per
+  batch step, so it and the batch progress together. Either holds min(n, max_num_seqs) rows
+  while it runs (a hybrid request: one; its stages run one at a time).
 Every job's events go to its own asyncio queue; the worker adds `Failed` if the job raised and
-`Done` after every job. Cancellation (client gone) is a threading.Event: a batched request
-leaves the batch at the next step, freeing its rows; an exclusive job checks it every token.
-A request is refused at submit time (the route answers 429 with Retry-After) only when every
-row is taken and `max_queue` requests already wait.
+`Done` after every job. Cancellation (client gone) is a threading.Event: a batched request (or
+stage) leaves the batch at the next step, freeing its rows; an exclusive job checks it every
+token. A batch whose forward failed is replaced by a fresh one: its requests fail, and so does
+each job whose stage was in it (`seq.error`). A request is refused at submit time (the route
+answers 429 with Retry-After) only when every row is taken and `max_queue` requests already wait.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from engine.batching import BatchConfig, BatchEngine
+from engine.batching import BatchConfig, BatchEngine, Join
 from engine.events import Done, Event, Failed
 from engine.prefix_cache import PrefixCache
 from engine.textgen import TextRequest
@@ -52,6 +54,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
+    joined: bool = False  # an exclusive job that has put a sequence into a batch (the hybrid loop)
 
     def __post_init__(self):
         if (self.work is None) == (self.request is None):
@@ -157,14 +160,16 @@ class Scheduler:
     def _join_batch(self, job: Job) -> None:
         try:
             job.start()
-            model = job.request.lm.model
-            engine = self._engines.get(id(model)) or BatchEngine(model, self.batch, self.prefix_cache)
-            self._engines[id(model)] = engine
-            engine.add(job.request.seq)
+            self._engine(job.request.lm.model).add(job.request.seq)
             self._batched.append(job)
         except Exception as e:
             job.emit(Failed(e))
             self._finish(job, job.request.params.n)
+
+    def _engine(self, model) -> BatchEngine:
+        engine = self._engines.get(id(model)) or BatchEngine(model, self.batch, self.prefix_cache)
+        self._engines[id(model)] = engine
+        return engine
 
     def _start_alone(self, job: Job, rows: int) -> None:
         try:
@@ -175,14 +180,23 @@ class Scheduler:
             self._finish(job, rows)
 
     def _step_alone(self) -> None:
-        """The next event of every exclusive job (a token, a condensation), between batch steps."""
+        """Advance every exclusive job between batch steps: one that joins batches until it
+        waits for the next step, any other by one event (a token)."""
         for job, events in list(self._alone):
             try:
-                event = next(events, _END)
-                if event is not _END and event is not None:  # None: a step with nothing to send
-                    job.emit(event)
-                if event is _END or job.cancel.is_set():
-                    self._end_alone(job, events)
+                while True:
+                    event = next(events, _END)
+                    if isinstance(event, Join):
+                        self._engine(event.model).add(event.seq)
+                        job.joined = True
+                        continue
+                    if event is not _END and event is not None:  # None: waiting, nothing to send
+                        job.emit(event)
+                    if event is _END or job.cancel.is_set():
+                        self._end_alone(job, events)
+                        break
+                    if event is None or not job.joined:
+                        break
             except Exception as e:  # reported to the client; the worker keeps serving
                 job.emit(Failed(e))
                 self._end_alone(job, events)
@@ -203,16 +217,19 @@ class Scheduler:
     # ---- batch steps ----------------------------------------------------------------------
 
     def _step(self) -> None:
-        """One step of every model's batch; each request gets its TokenStep, finished ones their end."""
+        """One step of every model's batch that has work; each batched request gets its
+        TokenStep, finished ones their end (a hybrid stage's job reads its sequence itself)."""
         for key, engine in list(self._engines.items()):
-            jobs = [j for j in self._batched if id(j.request.lm.model) == key]
-            if not jobs:
+            if not engine.has_work:
                 continue
+            jobs = [j for j in self._batched if id(j.request.lm.model) == key]
             try:
                 outs = engine.step()
             except Exception as e:  # every request of this batch fails; a fresh engine serves the next
                 # the prefix cache holds copies, valid whatever the failed step left in the rows
                 self._engines[key] = BatchEngine(engine.model, self.batch, self.prefix_cache)
+                for seq in engine.running + list(engine.waiting):
+                    seq.error, seq.done = e, True  # a hybrid stage: its job raises it
                 for job in jobs:
                     self._leave_batch(job, failed=e)
                 continue

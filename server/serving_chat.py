@@ -102,6 +102,9 @@ class ChatServing(OpenAIServing):
         """(sampling params of the answer, the worker job) within the context and KV budgets."""
         if messages[-1]["role"] != "user":
             raise APIError(400, "the hybrid loop needs the last message to be the user's", param="messages")
+        if not hasattr(lm.model, "forward_rows"):  # its stages are sequences in the model's batch
+            raise APIError(400, f"the hybrid loop needs a model with a batched forward; {lm.name} runs on "
+                                f"{lm.manifest.get('backend', 'torch')}", param="hybrid")
         cfg, mm, n_ctx = self.ctx.cfg, self.ctx.memory, lm.max_model_len
         answer_tokens = req.requested_max_tokens() or cfg.hybrid_answer_tokens
         capacity = context_budget(n_prompt, hp, answer_tokens)
@@ -119,7 +122,7 @@ class ChatServing(OpenAIServing):
         params = req.to_sampling_params(answer_tokens)
         self.constrain(params, lm, asked)  # the answer stage is the constrained one
         counter = self.ctx.metrics.generation_tokens.labels(lm.name)
-        return params, hybrid_work(lm, mm, messages, hp, params, capacity, params.stop, counter.inc)
+        return params, hybrid_work(lm, mm, messages, hp, params, params.stop, counter.inc)
 
     # ---- wire objects ---------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ KV-cache prefix reuse, cancellation mid-loop, and the request/response extension
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from engine.events import Stats, TokenStep
 from server.config import ServerConfig
 
 from tests.live_server import LiveServer
@@ -147,25 +149,38 @@ def test_hybrid_metrics_are_exported(hybrid_srv):
         assert name in text, name
 
 
-def test_prefix_kv_reuses_shared_prefix_exactly(llama_artifact):
-    from server.hybrid import ModelStats, PrefixKV
-    from engine.runner import load_model
+def _texts(events) -> list:
+    """What a client sees of a job's events (TokenStep times left out)."""
+    return [(type(e).__name__, e.text if hasattr(e, "text") else getattr(e, "deltas", e)) for e in events]
 
-    lm = load_model(llama_artifact)
-    a = list(range(5, 25))
-    b = a[:12] + [40, 41, 42]
-    st = ModelStats()
-    kv = PrefixKV(lm.model, 64, st)
-    kv.feed(a)
-    kv.step(7)
-    got = kv.feed(b)
-    fresh = lm.model(torch.tensor([b]), lm.model.new_cache(1, 64), last_only=True)[:, -1]
-    torch.testing.assert_close(got, fresh, rtol=1e-3, atol=1e-4)  # chunked vs one-shot fp32 prefill
-    assert st.cached_tokens == 12 and st.prompt_tokens == 20 + 3
-    assert kv.cache.pos == len(b)
+
+def test_later_stages_reuse_the_shared_prefix_and_give_the_same_output(llama_artifact, mm_checkpoint):
+    """Each stage's KV goes to the prefix cache when its row leaves the batch: the next stage
+    prefills only what it does not share (the chat template's header for the large model), with
+    the same tokens as without the cache."""
+    from engine.batching import drive
+    from engine.generate import SamplingParams
+    from engine.prefix_cache import PrefixCache
+    from engine.runner import load_model
+    from memory_model.condense import MemoryModel
+    from server.hybrid import HybridParams, hybrid_work
+
+    lm, mm = load_model(llama_artifact), MemoryModel(mm_checkpoint)
+    hp = HybridParams(loops=2, cot_groups=2, cot_group_tokens=6, condense_tokens=6)
+    runs = []
+    for cache in (None, PrefixCache(64 * 2**20)):
+        work = hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=6, temperature=0), [])
+        evs = list(drive(work(threading.Event()), prefix_cache=cache))
+        runs.append(([e for e in evs if not isinstance(e, Stats)], next(e.stats for e in evs if isinstance(e, Stats))))
+    (cold, a), (warm, b) = runs
+    assert _texts(cold) == _texts(warm) and any(isinstance(e, TokenStep) for e in cold)
+    assert a.large.cached_tokens == 0 and b.large.cached_tokens > 0 and b.small.cached_tokens > 0
+    assert a.large.prompt_tokens == b.large.prompt_tokens + b.large.cached_tokens
+    assert a.raw_reasoning_tokens == b.raw_reasoning_tokens and a.condensed_tokens == b.condensed_tokens
 
 
 def test_cancel_mid_loop_stops_before_the_answer(llama_artifact, mm_checkpoint):
+    from engine.batching import drive
     from engine.events import Reasoning, Stats, TokenStep, Usage
     from engine.generate import SamplingParams
     from engine.runner import load_model
@@ -176,14 +191,14 @@ def test_cancel_mid_loop_stops_before_the_answer(llama_artifact, mm_checkpoint):
     hp = HybridParams(loops=4, cot_groups=3, cot_group_tokens=20, condense_tokens=8)
     cancel = threading.Event()
     events = []
-    for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=50, temperature=0), 1024, [])(cancel):
+    for ev in drive(hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=50, temperature=0), [])(cancel)):
         events.append(type(ev))
         if isinstance(ev, Reasoning) and "condensed prompt" in ev.text:
             cancel.set()  # client gone after the first loop
     assert TokenStep not in events and Usage not in events
     # a full run of the same work reaches the answer
-    kinds = [type(ev) for ev in hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=5, temperature=0), 1024, [])(
-        threading.Event())]
+    kinds = [type(ev) for ev in drive(hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=5, temperature=0), [])(
+        threading.Event()))]
     assert kinds[-2:] == [Stats, Usage] and TokenStep in kinds
 
 
@@ -205,6 +220,7 @@ class _RecordingModel:
 def test_answer_stage_reads_exactly_the_condensed_prompt(llama_artifact, condensed):
     """Algorithm 1: the large model answers from P = the memory model's output, or from the
     user's prompt when the memory model wrote nothing."""
+    from engine.batching import drive
     from engine.generate import SamplingParams
     from engine.runner import load_model
     from memory_model.large import answer_messages, cot_messages
@@ -221,9 +237,8 @@ def test_answer_stage_reads_exactly_the_condensed_prompt(llama_artifact, condens
 
     history = [{"role": "system", "content": "Be brief."}]
     hp = HybridParams(loops=2, cot_groups=1, cot_group_tokens=4)
-    work = hybrid_work(lm, None, history + Q, hp, SamplingParams(max_tokens=3, temperature=0), 512, [],
-                       condenser=stub)
-    list(work(threading.Event()))
+    work = hybrid_work(lm, None, history + Q, hp, SamplingParams(max_tokens=3, temperature=0), [], condenser=stub)
+    list(drive(work(threading.Event())))
     p = condensed or Q[0]["content"]
     assert seen == [Q[0]["content"], p]  # loop 2 condenses the P loop 1 produced
     assert lm.rendered == [history + cot_messages(Q[0]["content"]), history + cot_messages(p),
@@ -343,3 +358,71 @@ def test_a_plain_request_is_served_while_a_hybrid_request_runs(hybrid_srv):
     reader.join(60)
     assert together_plain == alone_plain and "".join(text) == alone
     assert sum(t > plain_done for t in stamps) > 20  # the hybrid request was still streaming
+
+
+class _Recorder:
+    """Wraps a model's batched forward, recording each call's rows (B)."""
+
+    def __init__(self, model):
+        self.model, self.rows, self._fwd = model, [], model.forward_rows
+
+    def __enter__(self):
+        self.model.forward_rows = lambda ids, rows, last_only=False: (self.rows.append(ids.shape[0]),
+                                                                       self._fwd(ids, rows, last_only))[1]
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward_rows
+
+
+def test_hybrid_stages_decode_in_the_batch_with_plain_requests(llama_artifact, mm_checkpoint):
+    """Two hybrid requests and a plain one at once: the large model's stages share forwards
+    with the plain request and each other, the memory model's condensations share theirs, and
+    every request gets exactly what it gets alone."""
+    from engine.batching import BatchConfig, drive
+    from engine.events import Done
+    from engine.generate import SamplingParams
+    from engine.prefix_cache import PrefixCache
+    from engine.runner import load_model
+    from engine.textgen import TextRequest
+    from memory_model.condense import MemoryModel
+    from server.hybrid import HybridParams, hybrid_work
+    from server.scheduler import Job, Scheduler
+
+    lm, mm = load_model(llama_artifact), MemoryModel(mm_checkpoint)
+    hp = HybridParams(loops=2, cot_groups=2, cot_group_tokens=6, condense_tokens=6)
+    questions = [Q, [{"role": "user", "content": "Ann had 9 pens and gave away 2. How many pens are left?"}]]
+    plain_ids = lm.encode_chat(Q)[0]
+
+    def hybrid(q):
+        return hybrid_work(lm, mm, q, hp, SamplingParams(max_tokens=8, temperature=0), [])
+
+    def plain():
+        return TextRequest(lm, plain_ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+
+    alone = [_texts(e for e in drive(hybrid(q)(threading.Event())) if not isinstance(e, Stats)) for q in questions]
+    alone.append(_texts(plain().work(threading.Event())))
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(max_queue=4, batch=BatchConfig(max_num_seqs=4), prefix_cache=PrefixCache(64 * 2**20))
+    try:
+        with _Recorder(lm.model) as large, _Recorder(mm.model) as small:
+            gate = threading.Event()
+            sched.submit(Job(loop, work=lambda cancel: iter([gate.wait(10)])))  # holds the worker while all arrive
+            jobs = [Job(loop, work=hybrid(q)) for q in questions] + [Job(loop, request=plain())]
+            for j in jobs:
+                sched.submit(j)
+            gate.set()
+            got = [loop.run_until_complete(_drain(j.events, Done)) for j in jobs]
+    finally:
+        sched.shutdown()
+        loop.close()
+    assert [_texts(e for e in evs if not isinstance(e, Stats)) for evs in got] == alone
+    assert max(large.rows) == 3  # both hybrid stages and the plain request in one forward
+    assert max(small.rows) == 2  # the two condensations together
+
+
+async def _drain(queue, last) -> list:
+    out = []
+    while not isinstance(ev := await asyncio.wait_for(queue.get(), 60), last):
+        out.append(ev)
+    return out

@@ -89,6 +89,7 @@ def test_hybrid_loop_on_a_reasoning_model_answers_without_thinking_again(think_a
     removed before condensing); the answer turn uses the template's no-think switch."""
     import threading
 
+    from engine.batching import drive
     from engine.generate import SamplingParams
     from engine.runner import load_model
     from server.hybrid import HybridParams, hybrid_work, plain_cot
@@ -101,7 +102,7 @@ def test_hybrid_loop_on_a_reasoning_model_answers_without_thinking_again(think_a
         return lambda prompt, cot, max_tokens, cancel: cots.append(cot) or "Condensed."
 
     hp = HybridParams(loops=2, cot_groups=1, cot_group_tokens=4)
-    list(hybrid_work(lm, None, [{"role": "user", "content": "hi"}], hp, SamplingParams(max_tokens=3, temperature=0),
-                     512, [], condenser=stub)(threading.Event()))
+    list(drive(hybrid_work(lm, None, [{"role": "user", "content": "hi"}], hp,
+                           SamplingParams(max_tokens=3, temperature=0), [], condenser=stub)(threading.Event())))
     assert calls == [{}, {}, {"enable_thinking": False}] and len(cots) == 2
     assert plain_cot("<think>3 + 4 = 7\n</think>\n\nSo 7.") == "3 + 4 = 7\n\n\nSo 7."
