@@ -243,13 +243,14 @@ def test_kv_cache_budget_bounds_n_times_length(llama_artifact):
         srv.close()
 
 
-def test_server_serves_an_onnx_artifact(llama_artifact, tmp_path):
+def test_server_serves_an_onnx_artifact(llama_artifact, mm_checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
     from compress.onnx_export import export_onnx
 
     onnx_art = tmp_path / "tiny-onnx"
     export_onnx(llama_artifact, onnx_art)
-    srv = LiveServer(ServerConfig(artifacts=[str(llama_artifact), str(onnx_art)], max_model_len=64)).wait()
+    srv = LiveServer(ServerConfig(artifacts=[str(llama_artifact), str(onnx_art)], max_model_len=64,
+                                  memory_model=str(mm_checkpoint))).wait()
     try:
         body = {"messages": CHAT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         a = _post(srv, "/v1/chat/completions", {"model": llama_artifact.name, **body}).json()
@@ -257,6 +258,10 @@ def test_server_serves_an_onnx_artifact(llama_artifact, tmp_path):
         assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
         cards = {m["id"]: m for m in httpx.get(srv.url + "/v1/models").json()["data"]}
         assert cards["tiny-onnx"]["meta"]["backend"] == "onnxruntime"
+        # the hybrid loop's stages are sequences in a batch: a model without a batched forward says so
+        h = _post(srv, "/v1/chat/completions", {"model": "tiny-onnx", **body, "hybrid": {"loops": 1}})
+        assert h.status_code == 400 and h.json()["error"]["param"] == "hybrid", h.text
+        assert "batched forward" in h.json()["error"]["message"]
     finally:
         srv.close()
 
