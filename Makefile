@@ -146,7 +146,7 @@ reasoning-model-replay: setup
 
 # the SVAMP-tuned large model with the shipped 70M memory model (memory_model/checkpoints/svamp-70m)
 serve-reasoning: reasoning-large
-	$(BIN)/python -m server --artifact $(REASON) --memory-model memory_model/checkpoints/svamp-70m --port $(PORT)
+	$(BIN)/python -m server --artifact $(REASON) --memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8 --port $(PORT)
 
 # The container image (needs a Docker daemon; not part of `make test`). BASE is pulled when a
 # registry is reachable; otherwise a Debian bookworm base is built locally with debootstrap

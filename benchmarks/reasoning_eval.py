@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="append",
                    help="conditions (name prefixes) also run on --compare-artifact (default: full CoT, hybrid, 1 loop)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--memory-model-quant", choices=["none", "int8"], default="none",
+                   help="the server's --memory-model-quant")
+    p.add_argument("--compile", action="store_true", help="serve with --compile")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     sets = a.data or ["svamp-dev"]
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.url is None:
         second = ["--artifact", a.compare_artifact] if a.compare_artifact else []
         args = ["--artifact", f"{model}={a.artifact}", *second, "--memory-model", a.memory_model, "--max-model-len", "2048",
-                "--max-tokens-default", "512"] + (["--threads", str(a.threads)] if a.threads else [])
+                "--max-tokens-default", "512", "--memory-model-quant", a.memory_model_quant] + (
+                    ["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
         srv = ServerProcess(args)
     results, per_problem = {}, {}
 

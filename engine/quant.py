@@ -144,6 +144,19 @@ def int8_linear(q: torch.Tensor, scale: torch.Tensor, kernel: str = "weight_only
     return INT8_KERNELS[kernel](q, scale)
 
 
+def quantize_linears(model: nn.Module, kernel: str = "weight_only") -> nn.Module:
+    """Every nn.Linear of a loaded float model replaced, in place, by its int8 form (per-channel
+    absmax scales): for checkpoints that are not artifacts, e.g. the memory model, whose
+    decode is bound by reading its weights. A head tied to the embedding gets its own int8
+    copy; the embedding stays float."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                q, scale = quantize_per_channel(child.weight.detach().float())
+                setattr(parent, name, int8_linear(q, scale, kernel))
+    return model
+
+
 class Int8Embedding(nn.Module):
     """Embedding lookup from int8 rows: only the looked-up rows are dequantized."""
 

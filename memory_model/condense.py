@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.generate import SamplingParams, generate
+from engine.quant import quantize_linears
 
 from .checkpoint import load_checkpoint
 
@@ -26,10 +27,17 @@ class Condensation:
 class MemoryModel:
     """A loaded checkpoint with its tokenizer and input limits."""
 
+    QUANT = ("none", "int8")
+
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", max_prompt: int = 160,
-                 max_cot: int = 320):
+                 max_cot: int = 320, quant: str = "none"):
         self.path = Path(path)
         self.model, self.cfg, self.tok, self.meta = load_checkpoint(path, device)
+        if quant not in self.QUANT:
+            raise ValueError(f"memory-model quantization {quant!r}: choose from {', '.join(self.QUANT)}")
+        if quant == "int8":  # W8A16 for serving: condensing reads the weights once per step
+            quantize_linears(self.model)
+        self.quant = quant
         self.max_prompt, self.max_cot = max_prompt, max_cot
         if max_prompt + max_cot + 3 >= self.cfg.max_len:
             raise ValueError(f"max_prompt + max_cot must leave room in the model's {self.cfg.max_len} positions")

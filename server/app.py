@@ -64,7 +64,7 @@ class AppState:
             if self.cfg.memory_model:
                 from memory_model.condense import MemoryModel
 
-                memory = MemoryModel(self.cfg.memory_model)
+                memory = MemoryModel(self.cfg.memory_model, quant=self.cfg.memory_model_quant)
             ctx = ServingContext.create(models, self.cfg, self.metrics, memory, self.profiles)
             self.chat, self.completion = ChatServing(ctx), CompletionServing(ctx)
             self.serving = ctx  # last: requests are admitted once everything above exists

@@ -314,3 +314,21 @@ def test_make_task_data_holds_out_the_tail_and_writes_the_models_cot(llama_artif
     assert (len(train), len(held)) == (4, 2) and stats["train"] == 4
     assert [r["id"] for r in train + held] == [r["id"] for r in original("svamp-train")[:6]]
     assert train[0]["cot"] == large.generate_cot(lm, [train[0]["question"]], 3)[0]
+
+
+def test_int8_memory_model_swaps_every_linear_and_stays_close_to_float(mm_checkpoint):
+    from engine.quant import Int8WeightOnlyLinear
+    from memory_model.condense import MemoryModel
+
+    f, q = MemoryModel(mm_checkpoint), MemoryModel(mm_checkpoint, quant="int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.model.modules())
+    assert sum(isinstance(m, Int8WeightOnlyLinear) for m in q.model.modules()) == 4 * len(q.model.layers) + 1  # wqkv, wo, w13, w2; the head
+    assert q.model.tok_embeddings.weight.dtype == torch.float32  # the tied embedding keeps its float rows
+    ids = torch.tensor([f.input_ids("Sam has 3 apples and buys 4.", "3 + 4 = 7")])
+    with torch.inference_mode():
+        lf, lq = f.model(ids).float(), q.model(ids).float()
+    assert (lq - lf).norm() / lf.norm() < 0.05
+    assert (lq.argmax(-1) == lf.argmax(-1)).float().mean() > 0.9
+    assert isinstance(q.condense("Sam has 3 apples and buys 4.", "3 + 4 = 7", max_new=6).text, str)
+    with pytest.raises(ValueError, match="int8"):
+        MemoryModel(mm_checkpoint, quant="int4")
