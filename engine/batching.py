@@ -180,6 +180,10 @@ class BatchEngine:
             seq.slots, self.free = self.free[:seq.params.n], self.free[seq.params.n:]
             if self.cache is None:
                 self.cache = self.model.new_slot_cache(self.cfg.max_num_seqs)
+            # Grow once, now, to the prompt and its first tokens: growing for the prefix-cache copy,
+            # then again (doubling) for the prefill's last chunk re-zeroed and copied every slot
+            # twice (a 1k-token second turn of SmolLM2: 298 vs 95 ms of its TTFT)
+            self.cache.reserve(min(self.cache.max_len, len(seq.prompt_ids) + min(seq.params.max_tokens, 256)))
             for s in seq.slots:
                 self.cache.free(s)
             if self.prefix is not None and (hit := self.prefix.match(self.model, seq.prompt_ids)):

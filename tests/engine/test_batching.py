@@ -94,6 +94,33 @@ def test_an_idle_engine_reuses_its_cache_and_gives_back_a_grown_one(model, monke
     assert engine.cache is None
 
 
+def test_a_long_prompt_from_the_prefix_cache_grows_the_cache_once(model, monkeypatch):
+    """Admission reserves the prompt and its first tokens at once: growing for the prefix-cache
+    copy and again for the prefill re-zeroed and copied every slot twice (a 1k-token second
+    chat turn paid ~300 ms for it)."""
+    from engine.kv_cache import SlotKVCache
+    from engine.prefix_cache import PrefixCache
+
+    monkeypatch.setattr(SlotKVCache, "INITIAL_LEN", 32)
+    grown, reserve = [], SlotKVCache.reserve
+
+    def counting(self, length):
+        before = self.capacity
+        reserve(self, length)
+        if before and self.capacity != before:  # a growth, not the first allocation
+            grown.append(self.capacity)
+    monkeypatch.setattr(SlotKVCache, "reserve", counting)
+    v = model.args.vocab_size
+    engine = BatchEngine(model, BatchConfig(max_num_seqs=2, prefill_chunk=16), PrefixCache(2**24))
+    first = Sequence(_prompt(50, v), greedy(5), set())
+    run(engine, {0: [first]})
+    p, sp = first.prompt_ids + first.out[0] + _prompt(20, v), greedy(10)
+    second = Sequence(p, sp, set())
+    grown.clear()
+    assert run(engine, {0: [second]})[second] == alone(model, p, sp)
+    assert second.cached_tokens >= 50 and grown == [len(p) + 10]
+
+
 def test_eos_finishes_only_its_row(model):
     v = model.args.vocab_size
     p, q = _prompt(8, v), _prompt(11, v)
