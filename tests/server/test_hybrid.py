@@ -426,3 +426,41 @@ async def _drain(queue, last) -> list:
     while not isinstance(ev := await asyncio.wait_for(queue.get(), 60), last):
         out.append(ev)
     return out
+
+
+def test_a_failed_batch_forward_fails_the_hybrid_job_in_it_and_the_worker_serves_on(llama_artifact, mm_checkpoint):
+    """The memory model's batch raises once: the hybrid job whose condensation was in it gets
+    Failed (it does not wait forever for its sequence), and the next hybrid request completes."""
+    from engine.batching import BatchConfig
+    from engine.events import Done, Failed, Usage
+    from engine.generate import SamplingParams
+    from engine.runner import load_model
+    from memory_model.condense import MemoryModel
+    from server.hybrid import HybridParams, hybrid_work
+    from server.scheduler import Job, Scheduler
+
+    lm, mm = load_model(llama_artifact), MemoryModel(mm_checkpoint)
+    hp = HybridParams(loops=1, cot_groups=1, cot_group_tokens=4, condense_tokens=4)
+    fwd, calls = mm.model.forward_rows, []
+
+    def broken_once(ids, rows, last_only=False):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("forward failed")
+        return fwd(ids, rows, last_only)
+
+    mm.model.forward_rows = broken_once
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(max_queue=4, batch=BatchConfig(max_num_seqs=2))
+    try:
+        got = []
+        for _ in range(2):
+            job = Job(loop, work=hybrid_work(lm, mm, Q, hp, SamplingParams(max_tokens=3, temperature=0), []))
+            sched.submit(job)
+            got.append(loop.run_until_complete(_drain(job.events, Done)))
+    finally:
+        sched.shutdown()
+        loop.close()
+        del mm.model.forward_rows
+    assert isinstance(got[0][-1], Failed) and "forward failed" in str(got[0][-1].error)
+    assert isinstance(got[1][-1], Usage) and not any(isinstance(e, Failed) for e in got[1])
