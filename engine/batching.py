@@ -223,12 +223,13 @@ class BatchEngine:
         model confirms plus the model's next one, and rewinds its length past the rest."""
         rows = sorted((seq.slots[0], seq) for seq in seqs)
         slots = [slot for slot, _ in rows]
-        room = self.model.max_len - max(self.cache.lens[s] for s in slots) - 1  # padding counts too
+        longest = max(self.cache.lens[s] for s in slots)
+        room = self.model.max_len - longest - 1  # padding counts too
         drafts = [propose(seq.prompt_ids + seq.out[0],
                           max(0, min(seq.params.lookup_draft, seq.params.max_tokens - seq.steps - 1, room)))
                   for _, seq in rows]
         t = 1 + max(map(len, drafts))
-        self.cache.reserve(max(self.cache.lens[s] for s in slots) + t)
+        self.cache.reserve(longest + t)
         ids = torch.tensor([[seq.last[0]] + d + [0] * (t - 1 - len(d)) for (_, seq), d in zip(rows, drafts)],
                            device=self.model.device)
         view = self.cache.view(slots)

@@ -31,13 +31,12 @@ class MemoryModel:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", max_prompt: int = 160,
                  max_cot: int = 320, quant: str = "none"):
+        if quant not in self.QUANT:  # before loading: a typo costs no checkpoint read
+            raise ValueError(f"memory-model quantization {quant!r}: choose from {', '.join(self.QUANT)}")
         self.path = Path(path)
         self.model, self.cfg, self.tok, self.meta = load_checkpoint(path, device)
-        if quant not in self.QUANT:
-            raise ValueError(f"memory-model quantization {quant!r}: choose from {', '.join(self.QUANT)}")
         if quant == "int8":  # W8A16 for serving: condensing reads the weights once per step
             quantize_linears(self.model)
-        self.quant = quant
         self.max_prompt, self.max_cot = max_prompt, max_cot
         if max_prompt + max_cot + 3 >= self.cfg.max_len:
             raise ValueError(f"max_prompt + max_cot must leave room in the model's {self.cfg.max_len} positions")

@@ -82,12 +82,14 @@ class HybridStats:
         return asdict(self)
 
 
-def _stream(model, seq: Sequence, eos: set[int]) -> Iterator[int | Join | None]:
+def _stream(model, seq: Sequence) -> Iterator[int | Join | None]:
     """A stage's sequence in its model's batch, token by token: `Join` first, then each token
-    as the batch samples it (EOS ends the stream, not yielded), None while waiting for a step.
+    as the batch samples it (EOS ends the stream, not yielded, unless the sequence ignores EOS),
+    None while waiting for a step.
     A caller that has what it needs marks `seq.finished` and stops reading: the batch retires
     the row at its next step, leaving its KV to the prefix cache for the next stage."""
     yield Join(model, seq)
+    eos = set() if seq.params.ignore_eos else seq.eos_ids
     n = 0
     try:
         while True:
@@ -150,7 +152,7 @@ class Condenser:
                                 lookup_draft=self.LOOKUP_DRAFT)
         seq = _stage_seq(ids, params, {self.mm.cfg.eos_id}, cancel)
         out = []
-        for tok in _stream(self.mm.model, seq, {self.mm.cfg.eos_id}):
+        for tok in _stream(self.mm.model, seq):
             if isinstance(tok, int):
                 out.append(tok)
             else:
@@ -213,7 +215,7 @@ def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | Join | str | 
     detok = IncrementalDetokenizer(r.lm.tokenizer, ids)
     cot_text, groups, in_group, n_cot = "", 0, 0, 0
     yield from r.say(f"[loop {loop + 1}] reasoning:\n")
-    for tok in _stream(r.lm.model, seq, r.lm.eos_ids):
+    for tok in _stream(r.lm.model, seq):
         if not isinstance(tok, int):
             yield tok
             continue
@@ -260,11 +262,10 @@ def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event | Join
         yield TokenStep([Delta(0, r.hp.answer_prefix)], time.perf_counter())
     detok = IncrementalDetokenizer(lm.tokenizer, ids)
     stops = StopMatcher(stop + [s for s in extra_stops if s not in stop])
-    eos = set() if sp.ignore_eos else lm.eos_ids
     # the batch samples within the grammar (structured output / tools) and ends the row with it
     seq = _stage_seq(ids, replace(sp, n=1, stop=[], logprobs=None), lm.eos_ids, r.cancel, r.gen)
     n, finish = 0, None
-    for tok in _stream(lm.model, seq, eos):
+    for tok in _stream(lm.model, seq):
         if not isinstance(tok, int):
             yield tok
             continue
