@@ -5,6 +5,7 @@
         the large model writes chain-of-thought about P (up to `cot_groups` lines/steps)
         the memory model reads (P, that chain-of-thought) and writes a condensed prompt
         P <- the condensed prompt (kept unchanged if the memory model wrote nothing)
+        stop once the chain-of-thought states the answer (`stop_at_answer`)
     the large model answers P
 
 Earlier chat turns stay in the large model's context unchanged; only the last user turn
@@ -57,6 +58,10 @@ class HybridParams:
     # the prompt with an empty chain-of-thought): "truncate" replaces the memory model by
     # P' = the user's question + the last condense_tokens large-model tokens of the chain-of-thought.
     condense_with: str = "memory_model"  # "memory_model" | "truncate"
+    # With an answer_prefix: a chain-of-thought line that opens with it ends the loops. Only the
+    # reasoning before that line is condensed (none: P is kept), since the answer stage states
+    # the answer again from P; more loops would only re-derive a finished result from a lossier P.
+    stop_at_answer: bool = True
 
 
 @dataclass
@@ -201,19 +206,31 @@ class _Request:
             yield Reasoning(text)
 
 
-def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | Join | str | None]:
+@dataclass
+class _Cot:
+    """A loop's chain-of-thought: its text (without an answer line) and whether it stated the answer."""
+    text: str = ""
+    answered: bool = False
+
+
+def _states_answer(hp: HybridParams, line: str) -> bool:
+    return hp.stop_at_answer and bool(hp.answer_prefix) and line.lstrip().startswith(hp.answer_prefix)
+
+
+def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | Join | _Cot | None]:
     """The large model's chain-of-thought about P, up to cot_groups lines, as a sequence in the
-    large model's batch; streams it as reasoning and yields the whole text (a str) last."""
+    large model's batch; streams it as reasoning and yields a `_Cot` last. With stop_at_answer
+    it stops as soon as a line opens with the answer prefix."""
     t0, hp = time.perf_counter(), r.hp
     if hp.cot_groups == 0:  # the empty-CoT control: nothing to think, nothing to stream
-        yield ""
+        yield _Cot()
         return
     ids, _ = r.lm.encode_chat(r.history + cot_messages(p))
     params = SamplingParams(max_tokens=hp.cot_groups * hp.cot_group_tokens, temperature=hp.cot_temperature,
                             top_p=r.sp.top_p, top_k=r.sp.top_k)
     seq = _stage_seq(ids, params, r.lm.eos_ids, r.cancel, r.gen)
     detok = IncrementalDetokenizer(r.lm.tokenizer, ids)
-    cot_text, groups, in_group, n_cot = "", 0, 0, 0
+    cot_text, groups, in_group, n_cot, line_start, answered = "", 0, 0, 0, 0, False
     yield from r.say(f"[loop {loop + 1}] reasoning:\n")
     for tok in _stream(r.lm.model, seq):
         if not isinstance(tok, int):
@@ -225,13 +242,18 @@ def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | Join | str | 
         cot_text += piece
         yield from r.say(piece)
         in_group += 1
+        if _states_answer(hp, cot_text[line_start:]):
+            answered, seq.finished[0] = True, True
+            break
+        if "\n" in piece:
+            line_start = cot_text.rfind("\n") + 1
         # a group (step) ends at a newline after some text, or at its token cap
         if ("\n" in piece and cot_text.strip()) or in_group >= hp.cot_group_tokens:
             groups, in_group = groups + 1, 0
             if groups >= hp.cot_groups:
                 seq.finished[0] = True  # enough: the batch retires the row at its next step
                 break
-    tail = detok.flush()  # an incomplete character held back at the end
+    tail = "" if answered else detok.flush()  # an incomplete character held back at the end
     yield from r.say(tail)
     st = r.stats
     _count_prompt(st.large, seq)
@@ -239,7 +261,7 @@ def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | Join | str | 
     st.large.completion_tokens += n_cot
     st.peak_context_tokens = max(st.peak_context_tokens, len(ids) + n_cot)
     st.seconds["cot"] += time.perf_counter() - t0
-    yield plain_cot(cot_text + tail)
+    yield _Cot(plain_cot(cot_text[:line_start] if answered else cot_text + tail), answered)
 
 
 def plain_cot(text: str) -> str:
@@ -311,22 +333,27 @@ def hybrid_work(lm: LoadedModel, mm: MemoryModel | None, messages: list[dict], h
         else:
             condense = Condenser(mm, st)
         for loop in range(hp.loops):
-            cot = ""
+            cot = _Cot()
             for ev in _cot_stage(r, p, loop):  # 1. chain-of-thought from the large model
-                if isinstance(ev, str):
+                if isinstance(ev, _Cot):
                     cot = ev
                 else:
                     yield ev
             if cancel.is_set():
                 return
+            st.loops += 1
+            if cot.answered and not cot.text.strip():  # nothing new before the answer: P stands
+                yield from r.say(f"\n[loop {loop + 1}] the answer is stated: prompt kept\n\n")
+                break
             t0 = time.perf_counter()  # 2. the memory model condenses (P, CoT) into the next P
-            condensed = yield from _condense(condense, p, cot.strip(), hp.condense_tokens, cancel)
+            condensed = yield from _condense(condense, p, cot.text.strip(), hp.condense_tokens, cancel)
             st.seconds["condense"] += time.perf_counter() - t0
             yield from r.say(f"\n[loop {loop + 1}] condensed prompt:\n{condensed or '(empty: prompt kept)'}\n\n")
             p = condensed or p
-            st.loops += 1
             if cancel.is_set():
                 return
+            if cot.answered:
+                break
         yield from _answer_stage(r, p, stop)  # 3. the large model answers from P
 
     return work

@@ -237,6 +237,7 @@ class HybridOptions(BaseModel):
     return_reasoning: bool | None = None
     answer_prefix: str | None = Field(default=None, max_length=200)
     condense_with: Literal["memory_model", "truncate"] | None = None  # "truncate": the no-memory-model control
+    stop_at_answer: bool | None = None  # with answer_prefix: a CoT line opening with it ends the loops
 
 
 class FunctionDef(BaseModel):

@@ -464,3 +464,56 @@ def test_a_failed_batch_forward_fails_the_hybrid_job_in_it_and_the_worker_serves
         del mm.model.forward_rows
     assert isinstance(got[0][-1], Failed) and "forward failed" in str(got[0][-1].error)
     assert isinstance(got[1][-1], Usage) and not any(isinstance(e, Failed) for e in got[1])
+
+
+class _ScriptedDetok:
+    """Stands in for the large model's detokenizer: whatever tokens the random model samples,
+    the chain-of-thought reads as the script (one piece per token, then nothing)."""
+
+    script: list[str] = []
+
+    def __init__(self, tokenizer, prompt_ids):
+        self.pieces = list(self.script)
+
+    def push(self, tok):
+        return self.pieces.pop(0) if self.pieces else ""
+
+    def flush(self):
+        return ""
+
+
+@pytest.mark.parametrize("script, stop, condensed_cots, loops", [
+    (["7 + 3", " = 10.", "\n", "The answer", " is", " 10."], True, ["7 + 3 = 10."], 1),  # reasoning, then the answer
+    (["The answer is", " 10."], True, [], 1),  # the answer first: nothing to condense, P stands
+    (["So the answer is", " 10."], True, ["So the answer is 10."] * 3, 3),  # not a line opening with the prefix
+    (["7 + 3 = 10.", "\n", "The answer is", " 10."], False, ["7 + 3 = 10.\nThe answer is 10."] * 3, 3),  # off
+])
+def test_loops_end_at_the_line_that_states_the_answer(llama_artifact, monkeypatch, script, stop, condensed_cots,
+                                                      loops):
+    from engine.batching import drive
+    from engine.events import Stats
+    from engine.generate import SamplingParams
+    from engine.runner import load_model
+    from memory_model.large import answer_messages, cot_messages
+    from server import hybrid
+
+    monkeypatch.setattr(_ScriptedDetok, "script", script)
+    lm = _RecordingModel(load_model(llama_artifact))
+    seen = []
+
+    def stub(stats):
+        def condense(prompt, cot, max_tokens, cancel):
+            seen.append(cot)
+            return "Sam has 7 apples."
+        return condense
+
+    hp = hybrid.HybridParams(loops=3, cot_groups=2, cot_group_tokens=12, answer_prefix="The answer is",
+                             stop_at_answer=stop)
+    monkeypatch.setattr(hybrid, "IncrementalDetokenizer", _ScriptedDetok)
+    work = hybrid.hybrid_work(lm, None, Q, hp, SamplingParams(max_tokens=3, temperature=0), [], condenser=stub)
+    stats = [ev.stats for ev in drive(work(threading.Event())) if isinstance(ev, Stats)]
+    assert seen == condensed_cots
+    assert stats[0].loops == loops
+    p = "Sam has 7 apples." if condensed_cots else Q[0]["content"]
+    assert lm.rendered[-1] == answer_messages(p) and lm.rendered[0] == cot_messages(Q[0]["content"])
+    assert len(lm.rendered) == loops + 1
