@@ -3,7 +3,12 @@ chain-of-thought target (tasks.cot) as the reply to the CoT prompt the hybrid lo
 evaluation send, formatted by the served chat template (engine.runner.encode_reply), with
 the loss on the reply only. `chat-replay` adds general chat prompts (tasks.chat_prompts)
 answered by the model itself before tuning, so that task-tuning does not overwrite how it
-answers everything else; parts combine with '+' (`data=svamp-train+chat-replay`)."""
+answers everything else. `svamp-continue` teaches the hybrid loop's later loops: each
+SVAMP-train problem with its first steps known, in the memory model's condensed format
+(tasks.cot.continuation_targets), the rest of the reasoning as the reply; `svamp-steps` is the
+part of it whose reply still has a step to write (most SVAMP problems take one step, so in
+`svamp-continue` "answer now" outnumbers "go on" about 4.5 to 1; naming `svamp-steps` again
+weighs them back). Parts combine with '+' (`data=svamp-train+chat-replay`)."""
 
 from __future__ import annotations
 
@@ -14,10 +19,10 @@ import torch
 
 from engine.runner import encode_reply
 from tasks.chat_prompts import chat_prompts
-from tasks.cot import cot_prompt, cot_target
+from tasks.cot import ANSWER_PREFIX, continuation_targets, cot_prompt, cot_target
 from tasks.data import DataError, load
 
-TASKS = ("svamp-train", "chat-replay")  # training data only: svamp-dev and GSM8K are never trained on
+TASKS = ("svamp-train", "svamp-continue", "svamp-steps", "chat-replay")  # training data only: svamp-dev and GSM8K are never trained on
 
 
 @dataclass
@@ -34,21 +39,28 @@ def task_examples(tokenizer, name: str, reply: Callable[[list[str]], list[str | 
     for part in name.split("+"):
         if part not in TASKS:
             raise DataError(f"task data {part!r} cannot be trained on; use one of {', '.join(TASKS)}")
-        rows, bad = _replay(tokenizer, reply) if part == "chat-replay" else _svamp(tokenizer)
+        if part == "chat-replay":
+            rows, bad = _replay(tokenizer, reply)
+        else:
+            rows, bad = _svamp(tokenizer, part)
         out, skipped = out + rows, skipped + bad
     return out, skipped
 
 
-def _svamp(tokenizer) -> tuple[list[Example], int]:
+def _svamp(tokenizer, part: str) -> tuple[list[Example], int]:
     out, skipped = [], 0
     for p in load("svamp-train"):
         try:
-            target = cot_target(p.equation, p.answer)
+            pairs = (continuation_targets(p.question, p.equation, p.answer) if part != "svamp-train"
+                     else [(p.question, cot_target(p.equation, p.answer))])
         except ValueError:
             skipped += 1
             continue
-        prompt, reply = encode_reply(tokenizer, [{"role": "user", "content": cot_prompt(p.question)}], target)
-        out.append(Example(prompt + reply, len(prompt)))
+        if part == "svamp-steps":
+            pairs = [(q, reply) for q, reply in pairs if not reply.startswith(ANSWER_PREFIX)]
+        for question, target in pairs:
+            prompt, reply = encode_reply(tokenizer, [{"role": "user", "content": cot_prompt(question)}], target)
+            out.append(Example(prompt + reply, len(prompt)))
     return out, skipped
 
 

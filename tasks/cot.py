@@ -74,3 +74,26 @@ def cot_target(equation: str, answer: float) -> str:
 def cot_prompt(question: str) -> str:
     """The user turn that asks for chain-of-thought (the hybrid loop's CoT stage writes the same)."""
     return f"{question}\n{COT_INSTRUCTION}"
+
+
+# The memory model's extractive condensation keeps this many of the CoT's last equations
+# (memory_model.data.reference_condensation): a later loop's prompt holds at most these.
+KNOWN_EQUATIONS = 2
+
+
+def with_known(question: str, lines: list[str], keep: int = KNOWN_EQUATIONS) -> str:
+    """A condensed prompt in the memory model's format: the question, then the last `keep`
+    reasoning lines as known results ("Q Known: 76 - 25 = 51; 51 * 3 = 153.")."""
+    eqs = [line.rstrip(".") for line in lines[-keep:]] if keep else []
+    return f"{question} Known: {'; '.join(eqs)}." if eqs else question
+
+
+def continuation_targets(question: str, equation: str, answer: float) -> list[tuple[str, str]]:
+    """(prompt, reply) pairs for a later loop of the hybrid loop: the question with its first j
+    steps known, as the memory model writes it, and the rest of the chain-of-thought as the
+    reply (j = all steps: the reply is the answer line alone). Teaches the large model to go on
+    from a condensed prompt instead of starting the reasoning over."""
+    lines = cot_target(equation, answer).split("\n")
+    steps, answer_line = lines[:-1], lines[-1]
+    return [(with_known(question, steps[:j]), "\n".join(steps[j:] + [answer_line]))
+            for j in range(1, len(steps) + 1)]

@@ -6,6 +6,8 @@ import pytest
 from compress.recipes import RecipeError
 from compress.task_data import collate, task_examples
 from engine.runner import encode_chat, encode_reply
+from tasks.cot import cot_target
+from tasks.data import load
 from tests.helpers import build_artifact, make_tokenizer
 
 
@@ -33,6 +35,33 @@ def test_svamp_examples_mask_the_prompt():
         assert (labels[i, :e.n_prompt] == -100).all() and (labels[i, e.n_prompt:len(e.ids)] == ids[i, e.n_prompt:len(e.ids)]).all()
         assert mask[i].sum() == len(e.ids) and (labels[i, len(e.ids):] == -100).all()
     assert "The answer is" in tok.decode(examples[0].ids[examples[0].n_prompt:])
+
+
+def _valid_svamp_train():
+    for p in load("svamp-train"):
+        try:
+            cot_target(p.equation, p.answer)
+        except ValueError:
+            continue
+        yield p
+
+
+def test_continuation_examples_reply_with_the_rest_of_the_reasoning():
+    tok = make_tokenizer()
+    first, _ = task_examples(tok, "svamp-train")
+    cont, skipped = task_examples(tok, "svamp-continue")
+    assert skipped == 1 and len(cont) > len(first)  # one example per known step: multi-step problems give more
+    prompts = [tok.decode(e.ids[:e.n_prompt]) for e in cont]
+    replies = [tok.decode(e.ids[e.n_prompt:]) for e in cont]
+    assert all(" Known: " in p for p in prompts) and all("The answer is" in r for r in replies)
+    # every problem with a step once has all its steps known: the reply is then the answer alone
+    with_steps = sum(len(cot_target(p.equation, p.answer).split("\n")) > 1 for p in _valid_svamp_train())
+    assert sum(r.lstrip().startswith("The answer is") for r in replies) == with_steps == len(first) - 1
+    both, _ = task_examples(tok, "svamp-train+svamp-continue")
+    assert len(both) == len(first) + len(cont)
+    steps, _ = task_examples(tok, "svamp-steps")  # the examples with a step still to write
+    assert [e.ids for e in steps] == [e.ids for e, r in zip(cont, replies) if not r.lstrip().startswith("The answer is")]
+    assert 0 < len(steps) < len(cont) - len(steps)
 
 
 def test_task_tuning_lowers_the_reply_loss_and_records_the_data(llama_dir, tmp_path):

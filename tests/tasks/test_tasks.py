@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tasks.answers import extract_answer, is_correct
-from tasks.cot import cot_target, equation_steps
+from tasks.cot import continuation_targets, cot_target, equation_steps, with_known
 from tasks.data import DataError, load, load_svamp, split_svamp
 
 
@@ -79,3 +79,15 @@ def test_extract_answer_reads_thousands_and_the_last_number():
     assert extract_answer("They paid $1,200 in total") == 1200
     assert extract_answer("5 + 3 = 8. So 8 apples") == 8
     assert extract_answer("") is None
+
+
+def test_continuation_targets_start_from_each_known_step_in_the_memory_models_format():
+    from memory_model.data import reference_condensation
+
+    pairs = continuation_targets("Q?", "( ( 76.0 - 25.0 ) * 3.0 )", 153)
+    assert pairs == [("Q? Known: 76 - 25 = 51.", "51 * 3 = 153.\nThe answer is 153."),
+                     ("Q? Known: 76 - 25 = 51; 51 * 3 = 153.", "The answer is 153.")]
+    # the prompt is what the memory model's extractive target makes of the same reasoning
+    assert pairs[1][0] == reference_condensation("Q?", "76 - 25 = 51.\n51 * 3 = 153.")
+    assert with_known("Q?", []) == "Q?"
+    assert with_known("Q?", ["1 + 1 = 2.", "2 + 1 = 3.", "3 + 1 = 4."]) == "Q? Known: 2 + 1 = 3; 3 + 1 = 4."
