@@ -1,7 +1,9 @@
-"""The memory model's command line: data, tokenizer, pretrain, sft, reinforce, eval.
+"""The memory model's command line: data (first and later loops), tokenizer, pretrain, sft, reinforce, eval.
 
 Run (defaults are the shipped checkpoint's settings; `make memory-model` has its exact commands):
     python -m memory_model make-data --large artifacts/smollm2-135m-instruct-int8 --out data/mm
+    python -m memory_model make-loop-data --large ARTIFACT --data data/mm-svamp/train.jsonl \
+        --out data/mm-svamp/loops.jsonl --loops 4     (later loops: P already condensed; sft takes both files)
     python -m memory_model tokenizer --out data/mm/tokenizer.model --vocab 8192
     python -m memory_model pretrain --preset mm-8m --tokenizer data/mm/tokenizer.model \
         --data stdlib,pydoc,problems,cot:data/mm/train.jsonl --out checkpoints/mm-8m-pre
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +49,24 @@ def cmd_make_data(a) -> None:
     else:
         stats = make_cot_data(load_model(a.large), Path(a.out), a.n_train, a.n_heldout, a.max_new)
     print(json.dumps(stats, indent=2))
+
+
+def cmd_make_loop_data(a) -> None:
+    from engine.runner import load_model
+
+    from .cot import read_jsonl, write_jsonl
+    from .loops import replay_loops
+
+    _threads(a.threads)
+    if a.loops < 2:
+        raise ValueError("--loops must be at least 2 (loop 1 is make-data's own rows)")
+    rows = read_jsonl(Path(a.data))
+    t0 = time.perf_counter()
+    out = replay_loops(load_model(a.large), rows, a.loops, a.max_new)
+    write_jsonl(Path(a.out), out)
+    by_loop = {k: sum(r["loop"] == k for r in out) for k in range(2, a.loops + 1)}
+    print(json.dumps({"rows": len(out), "by_loop": by_loop, "from": len(rows),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
 
 
 def _device(name: str):
@@ -160,7 +181,7 @@ def cmd_sft(a) -> None:
     src = out if a.resume else Path(a.init)
     _refuse_existing(out, a)
     model, cfg, tok, meta = load_checkpoint(src, dev)
-    rows = read_jsonl(Path(a.data))
+    rows = [r for path in a.data.split(",") for r in read_jsonl(Path(path))]
     if a.synthetic:
         synth = make_splits({"pretrain": a.synthetic})["pretrain"]
         rows = rows + [{"question": p.question, "cot": template_cot(p), "steps": p.steps} for p in synth]
@@ -272,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=0)
     d.set_defaults(fn=cmd_make_data)
 
+    lp = sub.add_parser("make-loop-data", help="later-loop rows (P already condensed) replayed with the large model")
+    lp.add_argument("--large", required=True, help="large-model artifact directory")
+    lp.add_argument("--data", required=True, help="make-data jsonl (its first-loop CoT)")
+    lp.add_argument("--out", required=True, help="jsonl to write")
+    lp.add_argument("--loops", type=int, default=4, help="N_loops of the served loop")
+    lp.add_argument("--max-new", type=int, default=24, help="tokens per loop (one CoT line)")
+    lp.add_argument("--threads", type=int, default=0)
+    lp.set_defaults(fn=cmd_make_loop_data)
+
     t = sub.add_parser("tokenizer", help="train the sentencepiece tokenizer")
     t.add_argument("--data", default="stdlib,pydoc,problems")
     t.add_argument("--vocab", type=int, default=8192)
@@ -319,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sf = sub.add_parser("sft", help="supervised warm start on extractive condensation targets")
     sf.add_argument("--init", help="checkpoint to start from")
-    sf.add_argument("--data", required=True, help="make-data jsonl (train split)")
+    sf.add_argument("--data", required=True, help="make-data jsonl (train split); several joined by ','")
     sf.add_argument("--synthetic", type=int, default=4000, help="extra pairs from templated solutions")
     sf.add_argument("--target", choices=["extractive", "refined"], default="refined",
                     help="extractive: question + the CoT's last equations (its mistakes included); "

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tasks.cot import KNOWN_EQUATIONS
+
 from . import problems as P
 from .cot import read_jsonl
 from .tokenizer import Framed
@@ -107,11 +109,13 @@ def random_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Ge
     return w[:, :-1], w[:, 1:]
 
 
-def reference_condensation(question: str, cot: str, max_equations: int = 2) -> str:
+def reference_condensation(question: str, cot: str, max_equations: int = KNOWN_EQUATIONS) -> str:
     """The warm-start target: the question, then the chain-of-thought's last arithmetic
     statements ('a + b = c'), which carry its intermediate results. A fixed rule that
-    REINFORCE is then free to improve on."""
-    eqs = P.equations(cot)[-max_equations:]
+    REINFORCE is then free to improve on. In a later loop the prompt is already condensed
+    ('Q Known: ...'): its known results and the new CoT's merge into one list."""
+    question, _, known = question.partition(" Known: ")
+    eqs = (P.equations(known) + P.equations(cot))[-max_equations:]
     return question if not eqs else f"{question} Known: {'; '.join(eqs)}."
 
 
@@ -121,7 +125,7 @@ def refined_condensation(question: str, steps) -> str:
     the target does not copy its mistakes). Only possible where answers are known, as in
     the seed's post-training data."""
     eqs = "; ".join(f"{x} {op} {y} = {r}" for op, x, y, r in steps)
-    return f"{question} Known: {eqs}."
+    return f"{question.partition(' Known: ')[0]} Known: {eqs}."  # a later loop's P: its own list replaced
 
 
 TARGETS = ("extractive", "refined")

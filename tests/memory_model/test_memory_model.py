@@ -50,6 +50,10 @@ def test_answer_extraction_and_equations():
     assert P.equations(cot) == ["3 + 4 = 7", "7 * 2 = 14", "14 - 5 = 9"]
     assert reference_condensation("Q?", cot) == "Q? Known: 7 * 2 = 14; 14 - 5 = 9."
     assert reference_condensation("Q?", "no arithmetic here") == "Q?"
+    # a later loop: P is already condensed; its known results and the new CoT's merge, the last two kept
+    assert reference_condensation("Q? Known: 3 + 4 = 7.", "7 * 2 = 14.") == "Q? Known: 3 + 4 = 7; 7 * 2 = 14."
+    assert reference_condensation("Q? Known: 3 + 4 = 7; 7 * 2 = 14.", "14 - 5 = 9.") == "Q? Known: 7 * 2 = 14; 14 - 5 = 9."
+    assert reference_condensation("Q? Known: 3 + 4 = 7.", "The answer is 7.") == "Q? Known: 3 + 4 = 7."
 
 
 def test_tokenizer_round_trips_and_frames_the_task(mm_tokenizer):
