@@ -89,7 +89,8 @@ def ask(client: httpx.Client, model: str, question: str, extra: dict) -> dict:
     peak = h["peak_context_tokens"] if h else usage["prompt_tokens"] + usage["completion_tokens"]
     large = h["large"]["completion_tokens"] if h else usage["completion_tokens"]
     return {"text": text, "latency_s": end - t0, "ttft_answer_s": (first or end) - t0, "peak_context": peak,
-            "large_tokens": large, "condensed_tokens": h["condensed_tokens"] if h else 0}
+            "large_tokens": large, "condensed_tokens": h["condensed_tokens"] if h else 0,
+            "loops": h["loops"] if h else 0}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -110,7 +111,8 @@ def summarize(rows: list[dict]) -> dict:
             "ttft_answer_median_s": statistics.median(r["ttft_answer_s"] for r in rows),
             "peak_context_mean": statistics.mean(r["peak_context"] for r in rows),
             "peak_context_max": max(r["peak_context"] for r in rows),
-            "large_tokens_mean": statistics.mean(r["large_tokens"] for r in rows)}
+            "large_tokens_mean": statistics.mean(r["large_tokens"] for r in rows),
+            "loops_mean": statistics.mean(r.get("loops", 0) for r in rows)}  # loops run (stop_at_answer ends some early)
 
 
 def table(results: dict) -> str:
