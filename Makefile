@@ -144,7 +144,7 @@ reasoning-model-replay: setup
 		--only full --loops 3 --groups 1 --group-tokens 24 --condense-tokens 64 --answer-tokens 12 \
 		--json results/reasoning_eval_replay_int8.json
 
-# Later loops (issue 16, item 3; about 30 minutes on 2 CPU cores after memory-model-70m's data):
+# Later loops (issue 16, item 3; 50 minutes on 2 CPU cores from a fresh clone, setup included):
 # the SVAMP-tuned model continued on `svamp-continue` (each SVAMP-train problem with its first
 # steps known in the memory model's "Known:" format, the rest of the reasoning as the reply) and
 # three more copies of `svamp-steps` (the continuation examples that still have a step to write,
