@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops serve-reasoning serve-reasoning-loops docker docker-smoke
+.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation serve-reasoning serve-reasoning-loops docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -151,7 +151,7 @@ reasoning-model-replay: setup
 # outnumbered 4.5 to 1 otherwise) beside its first-loop data, int8; then later-loop rows replayed
 # with it (one CoT line a loop, the extractive rule condensing) and the shipped 70M memory model's
 # warm start continued on first- and later-loop rows. Not shipped (a second 142 MB checkpoint in
-# git): this target rebuilds it.
+# git): this target rebuilds it (the loop data only where data/mm-svamp/loops.jsonl is missing).
 LOOPS_LARGE ?= artifacts/smollm2-135m-svamp-loops-int8
 MM70_LOOPS ?= $(MM)/mm-70m-svamp-loops
 reasoning-large-loops: reasoning-large
@@ -163,8 +163,8 @@ reasoning-large-loops: reasoning-large
 
 memory-model-70m-loops: reasoning-large-loops
 	test -f data/mm-svamp/train.jsonl || $(MAKE) reasoning-model
-	$(BIN)/python -m memory_model make-loop-data --large $(LOOPS_LARGE) --data data/mm-svamp/train.jsonl \
-		--out data/mm-svamp/loops.jsonl --loops 4
+	test -f data/mm-svamp/loops.jsonl || $(BIN)/python -m memory_model make-loop-data --large $(LOOPS_LARGE) \
+		--data data/mm-svamp/train.jsonl --out data/mm-svamp/loops.jsonl --loops 4
 	$(BIN)/python -m memory_model sft --init memory_model/checkpoints/svamp-70m \
 		--data data/mm-svamp/train.jsonl,data/mm-svamp/loops.jsonl --synthetic 0 --target extractive \
 		--out $(MM70_LOOPS) --steps 150 --batch-size 8 --lr 1e-4 --warmup 10 --eval-every 50 --save-every 50 --force
@@ -173,6 +173,18 @@ reasoning-eval-loops: memory-model-70m-loops
 	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) \
 		--memory-model-quant int8 --data svamp-dev --data gsm8k:100 --loops 4 --groups 1 --group-tokens 24 \
 		--condense-tokens 100 --answer-tokens 12 --threads 2 --json results/reasoning_eval_loops_pair.json
+
+# The compensation claim with pair B (about 30 minutes after memory-model-70m-loops): the same
+# task-calibrated GPTQ + EoRA recipe as reasoning-eval-compensation, from the later-loops model
+GPTQ_LOOPS ?= artifacts/smollm2-135m-svamp-loops-gptq-svamp32a-eora
+reasoning-eval-loops-compensation: memory-model-70m-loops
+	test -f $(GPTQ_LOOPS)/manifest.json || $(BIN)/python -m compress build --model-dir artifacts/smollm2-135m-svamp-loops-f32 \
+		--recipe "gptq(bits=4,group_size=32,desc_act=true,calib=svamp-train,calib_samples=128),eora(rank=32,calib=svamp-train,calib_samples=128)" \
+		--out $(GPTQ_LOOPS)
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) \
+		--memory-model-quant int8 --data svamp-dev --loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 \
+		--answer-tokens 12 --threads 2 --compare-artifact 4bit=$(GPTQ_LOOPS) --compare "full CoT" --compare "hybrid, 4" \
+		--only "full CoT" --only "hybrid, 4" --only 4bit --json results/reasoning_eval_loops_gptq_vs_int8.json
 
 serve-reasoning-loops: memory-model-70m-loops
 	$(BIN)/python -m server --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) --memory-model-quant int8 --port $(PORT)
