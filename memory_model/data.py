@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.cot import KNOWN_EQUATIONS
+from tasks.cot import KNOWN, KNOWN_EQUATIONS, split_known, with_known
 
 from . import problems as P
 from .cot import read_jsonl
@@ -114,9 +114,8 @@ def reference_condensation(question: str, cot: str, max_equations: int = KNOWN_E
     statements ('a + b = c'), which carry its intermediate results. A fixed rule that
     REINFORCE is then free to improve on. In a later loop the prompt is already condensed
     ('Q Known: ...'): its known results and the new CoT's merge into one list."""
-    question, _, known = question.partition(" Known: ")
-    eqs = (P.equations(known) + P.equations(cot))[-max_equations:]
-    return question if not eqs else f"{question} Known: {'; '.join(eqs)}."
+    question, known = split_known(question)
+    return with_known(question, P.equations(known) + P.equations(cot), max_equations)
 
 
 def refined_condensation(question: str, steps) -> str:
@@ -125,7 +124,7 @@ def refined_condensation(question: str, steps) -> str:
     the target does not copy its mistakes). Only possible where answers are known, as in
     the seed's post-training data."""
     eqs = "; ".join(f"{x} {op} {y} = {r}" for op, x, y, r in steps)
-    return f"{question.partition(' Known: ')[0]} Known: {eqs}."  # a later loop's P: its own list replaced
+    return f"{split_known(question)[0]}{KNOWN}{eqs}."  # a later loop's P: its own list replaced
 
 
 TARGETS = ("extractive", "refined")

@@ -81,11 +81,20 @@ def cot_prompt(question: str) -> str:
 KNOWN_EQUATIONS = 2
 
 
+KNOWN = " Known: "  # between the question and its known results in a condensed prompt
+
+
 def with_known(question: str, lines: list[str], keep: int = KNOWN_EQUATIONS) -> str:
     """A condensed prompt in the memory model's format: the question, then the last `keep`
     reasoning lines as known results ("Q Known: 76 - 25 = 51; 51 * 3 = 153.")."""
     eqs = [line.rstrip(".") for line in lines[-keep:]] if keep else []
-    return f"{question} Known: {'; '.join(eqs)}." if eqs else question
+    return f"{question}{KNOWN}{'; '.join(eqs)}." if eqs else question
+
+
+def split_known(prompt: str) -> tuple[str, str]:
+    """A condensed prompt's question and its known results (empty for a plain question)."""
+    question, _, known = prompt.partition(KNOWN)
+    return question, known
 
 
 def continuation_targets(question: str, equation: str, answer: float) -> list[tuple[str, str]]:
