@@ -165,9 +165,15 @@ def cmd_init(a) -> None:
           f"(the large model's + {len(CONTROL)} control tokens)")
 
 
+def _read_rows(spec: str) -> list[dict]:
+    """Rows of one or several make-data / make-loop-data files joined by ','."""
+    from .cot import read_jsonl
+
+    return [r for path in spec.split(",") for r in read_jsonl(Path(path))]
+
+
 def cmd_sft(a) -> None:
     from .checkpoint import load_checkpoint
-    from .cot import read_jsonl
     from .data import condense_examples, pad_batch
     from .problems import make_splits, template_cot
     from .train import train
@@ -181,7 +187,7 @@ def cmd_sft(a) -> None:
     src = out if a.resume else Path(a.init)
     _refuse_existing(out, a)
     model, cfg, tok, meta = load_checkpoint(src, dev)
-    rows = [r for path in a.data.split(",") for r in read_jsonl(Path(path))]
+    rows = _read_rows(a.data)
     if a.synthetic:
         synth = make_splits({"pretrain": a.synthetic})["pretrain"]
         rows = rows + [{"question": p.question, "cot": template_cot(p), "steps": p.steps} for p in synth]
@@ -209,7 +215,6 @@ def cmd_reinforce(a) -> None:
     from engine.runner import load_model
 
     from .condense import MemoryModel
-    from .cot import read_jsonl
     from .reinforce import ReinforceConfig, reinforce
 
     _threads(a.threads)
@@ -225,7 +230,7 @@ def cmd_reinforce(a) -> None:
     # a resumed run keeps its own record; a new one records where it started
     meta = mm.meta if a.resume else {"preset": mm.meta.get("preset"), "stage": "reinforce", "init": str(a.init),
                                      "large": lm.name, "data": a.data}
-    log = reinforce(mm, lm, read_jsonl(Path(a.data)), rc, out, meta, resume=a.resume, progress=not a.quiet)
+    log = reinforce(mm, lm, _read_rows(a.data), rc, out, meta, resume=a.resume, progress=not a.quiet)
     first = next(r for r in log if "eval_accuracy" in r)
     last = [r for r in log if "eval_accuracy" in r][-1]
     print(f"eval before: {first}\neval after:  {last}\n(eval_empty_cot_*: the same policy given no "
@@ -361,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reinforce", help="REINFORCE with rewards from the large model")
     r.add_argument("--init", help="checkpoint to start from (usually the sft one)")
     r.add_argument("--large", required=True, help="large-model artifact")
-    r.add_argument("--data", required=True, help="make-data jsonl (train split)")
+    r.add_argument("--data", required=True, help="make-data jsonl (train split); several joined by ',' "
+                   "(the first --eval-size rows of the first are the fixed evaluation set)")
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=80)
     r.add_argument("--prompts", type=int, default=8, help="prompts per step")

@@ -124,12 +124,16 @@ def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> torch.Tensor:
     return ids.to(device) if device is not None else ids
 
 
-def sequence_logprobs(model: Transformer, ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model: Transformer, ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row sum of log pi(token) over generated positions [start, length) of right-padded
     ids (B, T), with gradients; also the per-row mean entropy there and the per-token log
-    probs (B, T-1) for KL terms. Position i's logits predict token i + 1."""
-    logits = model(ids[:, :-1]).float()
+    probs (B, T-1) for KL terms. Position i's logits predict token i + 1. pi is
+    softmax(logits / temperature): the distribution the samples were drawn from, so the policy
+    gradient stays on-policy at any sampling temperature (greedy decoding is the same for all)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 for log-probabilities")
+    logits = model(ids[:, :-1]).float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     tok_logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     pos = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] + 1  # index of the predicted token

@@ -10,8 +10,9 @@ condensed prompt (the same answer prompt the hybrid loop serves):
 
 K samples per prompt; advantage = r_i - mean of the other K-1 rewards (leave-one-out) or
 - mean of all K (`baseline=mean`), optionally divided by the batch's std; loss =
--mean(A_i * log pi(sample_i)) - entropy_coef * mean token entropy. Reward, answer
-log-likelihood, greedy accuracy, length, KL and entropy are logged every step; a fixed
+-mean(A_i * log pi(sample_i)) - entropy_coef * mean token entropy, pi (and pi_ref) being
+softmax(logits / temperature), the distribution sampled. Reward, answer log-likelihood, greedy
+accuracy, length, KL, entropy and distinct samples per prompt are logged every step; a fixed
 validation set is condensed greedily every `eval_every` steps.
 """
 
@@ -40,6 +41,10 @@ class ReinforceConfig:
     prompts_per_step: int = 8
     samples_per_prompt: int = 4  # K
     max_new: int = 100  # condensed-prompt budget (memory-model tokens)
+    # The policy trained is softmax(logits / temperature). A warm start that imitated a
+    # deterministic target is near one-hot at 1.0 (entropy 0.003 nats a token for the 70M model:
+    # most of K samples identical, nothing to compare); a higher temperature explores, and greedy
+    # serving is unchanged by it.
     temperature: float = 1.0
     top_k: int = 0
     lr: float = 1e-5
@@ -59,6 +64,8 @@ class ReinforceConfig:
     def __post_init__(self):
         if self.baseline not in ("loo", "mean"):
             raise ValueError("baseline must be 'loo' or 'mean'")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: REINFORCE samples its actions")
         if self.baseline == "loo" and self.samples_per_prompt < 2:
             raise ValueError("a leave-one-out baseline needs samples_per_prompt >= 2")
 
@@ -157,9 +164,9 @@ def reinforce(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceC
         ids = right_pad(seqs, mm.cfg.pad_id, dev)
         start = torch.tensor(starts, device=dev)
         length = torch.tensor([len(s) for s in seqs], device=dev)
-        logp, ent, tok_logp = sequence_logprobs(policy, ids, start, length)
+        logp, ent, tok_logp = sequence_logprobs(policy, ids, start, length, rc.temperature)
         with torch.no_grad():
-            _, _, ref_tok_logp = sequence_logprobs(ref, ids, start, length)
+            _, _, ref_tok_logp = sequence_logprobs(ref, ids, start, length, rc.temperature)
             kl = (tok_logp - ref_tok_logp).sum(-1)  # sampled-token estimate of KL(pi || pi_ref)
             r = torch.tensor([x["reward"] for x in rs], device=dev) - rc.kl_coef * kl
             adv = advantages(r.view(-1, k), rc.baseline, rc.normalize_advantages).view(-1)
@@ -175,6 +182,8 @@ def reinforce(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceC
                "accuracy": round(sum(x["correct"] for x in rs) / n, 4),
                "large_tokens": round(sum(x["large_tokens"] for x in rs) / n, 1),
                "policy_tokens": round(float((length - start).float().mean()), 1),
+               # exploration: distinct condensations among a prompt's K samples (1 = nothing to compare)
+               "distinct": round(sum(len(set(texts[i:i + k])) for i in range(0, n, k)) / (n // k), 2),
                "kl": round(kl.mean().item(), 4), "entropy": round(ent.mean().item(), 4),
                "grad_norm": round(gnorm, 3), "sample_s": round(t_sample, 2), "score_s": round(t_score, 2),
                "step_s": round(time.perf_counter() - t0, 2)}

@@ -195,9 +195,12 @@ def test_sft_and_reinforce_steps(mm_checkpoint, llama_artifact, tmp_path):
                  "--steps", "2", "--batch-size", "4", "--warmup", "1", "--quiet"]) == 0
     assert json.loads((sft / "config.json").read_text())["stage"] == "sft"
     rl = tmp_path / "rl"
-    assert main(["reinforce", "--init", str(sft), "--large", str(llama_artifact), "--data", str(data),
+    more = _cot_jsonl(tmp_path / "loops.jsonl")  # later-loop rows come as a second file
+    assert main(["reinforce", "--init", str(sft), "--large", str(llama_artifact), "--data", f"{data},{more}",
                  "--out", str(rl), "--steps", "2", "--prompts", "2", "--samples", "3", "--max-new", "8",
-                 "--eval-every", "2", "--eval-size", "4", "--quiet"]) == 0
+                 "--temperature", "1.5", "--eval-every", "2", "--eval-size", "4", "--quiet"]) == 0
+    meta = json.loads((rl / "config.json").read_text())
+    assert meta["data"] == f"{data},{more}" and meta["reinforce_config"]["temperature"] == 1.5
     log = read_log(rl)
     assert log[0]["step"] == 0 and "eval_accuracy" in log[0]
     assert "eval_empty_cot_accuracy" in log[0] and "eval_empty_cot_answer_logp" in log[-1]  # the control
@@ -206,6 +209,7 @@ def test_sft_and_reinforce_steps(mm_checkpoint, llama_artifact, tmp_path):
     for key in ("reward", "answer_logp", "accuracy", "large_tokens", "kl", "entropy"):
         assert key in step
     assert 0 < step["policy_tokens"] <= 8
+    assert 1 <= step["distinct"] <= 3  # distinct samples of a prompt, of K = 3
     # export for shipping: no optimizer state, the logs of every stage in the lineage
     from memory_model.checkpoint import export_checkpoint
 
@@ -249,6 +253,29 @@ def test_reinforce_raises_the_rewarded_action():
         opt.step()
         opt.zero_grad()
     assert p_good() > max(0.5, 3 * before)
+
+
+def test_sequence_logprobs_are_those_of_the_tempered_policy():
+    """REINFORCE samples at a temperature; the log-probs it differentiates must be those of
+    softmax(logits / T), the distribution the samples came from, over generated positions only."""
+    from memory_model.model import sequence_logprobs
+
+    model = build_model(from_preset("mm-tiny", vocab_size=12), seed=0)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 6, 7, 0, 0]])
+    start, length = torch.tensor([2, 1]), torch.tensor([5, 3])
+    with torch.no_grad():
+        logp2, _, _ = sequence_logprobs(model, ids, start, length, temperature=2.0)
+        logp1, _, _ = sequence_logprobs(model, ids, start, length)
+        lp = torch.log_softmax(model(ids[:, :-1]).float() / 2.0, -1)
+    want = [sum(lp[0, i - 1, ids[0, i]] for i in (2, 3, 4)), sum(lp[1, i - 1, ids[1, i]] for i in (1, 2))]
+    torch.testing.assert_close(logp2, torch.stack(want))
+    assert not torch.allclose(logp1, logp2)
+    with pytest.raises(ValueError, match="temperature"):
+        sequence_logprobs(model, ids, start, length, temperature=0.0)
+    from memory_model.reinforce import ReinforceConfig
+
+    with pytest.raises(ValueError, match="temperature"):
+        ReinforceConfig(temperature=0.0)
 
 
 def test_condense_samples_and_stops(mm_checkpoint):
