@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation serve-reasoning serve-reasoning-loops docker docker-smoke
+.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -185,6 +185,27 @@ reasoning-eval-loops-compensation: memory-model-70m-loops
 		--memory-model-quant int8 --data svamp-dev --loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 \
 		--answer-tokens 12 --threads 2 --compare-artifact 4bit=$(GPTQ_LOOPS) --compare "full CoT" --compare "hybrid, 4" \
 		--only "full CoT" --only "hybrid, 4" --only 4bit --json results/reasoning_eval_loops_gptq_vs_int8.json
+
+# REINFORCE on pair B's memory model (about 30 minutes after memory-model-70m-loops): first- and
+# later-loop rows, sampled at temperature 1.5 (the warm start is near one-hot at 1.0: 1.1 distinct
+# condensations of 4), correctness weighted above the answer's log-probability (3.0: a garbled
+# prompt that leaves the large model unsure scores a higher log-probability than a confidently
+# wrong one), 1.0 per 100 large-model tokens of condensed prompt; then the HTTP evaluation against
+# the empty-CoT control, and the warm start's 4 loops in a second run
+MM70_LOOPS_RL ?= $(MM)/mm-70m-svamp-loops-rl
+memory-model-70m-loops-rl: memory-model-70m-loops
+	$(BIN)/python -m memory_model reinforce --init $(MM70_LOOPS) --large $(LOOPS_LARGE) \
+		--data data/mm-svamp/train.jsonl,data/mm-svamp/loops.jsonl --out $(MM70_LOOPS_RL) --steps 20 --prompts 8 \
+		--samples 4 --temperature 1.5 --lr 5e-5 --length-penalty 1.0 --correct-bonus 3.0 --kl-coef 0.05 \
+		--entropy-coef 0.0 --max-new 100 --eval-every 20 --eval-size 32 --save-every 10 --threads 2 --force
+
+reasoning-eval-loops-rl: memory-model-70m-loops-rl
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS_RL) \
+		--memory-model-quant int8 --data svamp-dev --loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 \
+		--answer-tokens 12 --threads 2 --only "hybrid, 4" --only memory --json results/reasoning_eval_loops_rl.json
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) \
+		--memory-model-quant int8 --data svamp-dev --loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 \
+		--answer-tokens 12 --threads 2 --only "hybrid, 4" --json results/reasoning_eval_loops_rl_before.json
 
 serve-reasoning-loops: memory-model-70m-loops
 	$(BIN)/python -m server --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) --memory-model-quant int8 --port $(PORT)
