@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clients.bench import write_json  # noqa: E402
 from engine.runner import load_model  # noqa: E402
 from memory_model.condense import MemoryModel  # noqa: E402
-from memory_model.cot import read_jsonl  # noqa: E402
-from memory_model.reinforce import ReinforceConfig, rewards  # noqa: E402
+from memory_model.cot import read_rows  # noqa: E402
+from memory_model.reinforce import ReinforceConfig, distinct_per_prompt, rewards  # noqa: E402
 
 
 def probe(mm: MemoryModel, lm, batch: list[dict], temperature: float, k: int, max_new: int) -> dict:
@@ -43,7 +43,7 @@ def probe(mm: MemoryModel, lm, batch: list[dict], temperature: float, k: int, ma
     rs = rewards(lm, texts, answers, ReinforceConfig())
     groups = [range(i, i + k) for i in range(0, len(texts), k)]
     return {"temperature": temperature,
-            "distinct": st.mean(len({texts[j] for j in g}) for g in groups),
+            "distinct": distinct_per_prompt(texts, k),
             "reward_spread": st.mean(max(rs[j]["reward"] for j in g) - min(rs[j]["reward"] for j in g)
                                      for g in groups),
             "reward": st.mean(x["reward"] for x in rs), "accuracy": st.mean(x["correct"] for x in rs),
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --temperature must be > 0", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
-    rows = [r for path in a.data.split(",") for r in read_jsonl(Path(path))][32:]
+    rows = read_rows(a.data)[ReinforceConfig().eval_size:]
     rng = random.Random(1)
     batch = [rows[rng.randrange(len(rows))] for _ in range(a.prompts)]
     mm, lm = MemoryModel(a.memory_model), load_model(a.large)

@@ -165,15 +165,9 @@ def cmd_init(a) -> None:
           f"(the large model's + {len(CONTROL)} control tokens)")
 
 
-def _read_rows(spec: str) -> list[dict]:
-    """Rows of one or several make-data / make-loop-data files joined by ','."""
-    from .cot import read_jsonl
-
-    return [r for path in spec.split(",") for r in read_jsonl(Path(path))]
-
-
 def cmd_sft(a) -> None:
     from .checkpoint import load_checkpoint
+    from .cot import read_rows
     from .data import condense_examples, pad_batch
     from .problems import make_splits, template_cot
     from .train import train
@@ -187,7 +181,7 @@ def cmd_sft(a) -> None:
     src = out if a.resume else Path(a.init)
     _refuse_existing(out, a)
     model, cfg, tok, meta = load_checkpoint(src, dev)
-    rows = _read_rows(a.data)
+    rows = read_rows(a.data)
     if a.synthetic:
         synth = make_splits({"pretrain": a.synthetic})["pretrain"]
         rows = rows + [{"question": p.question, "cot": template_cot(p), "steps": p.steps} for p in synth]
@@ -215,6 +209,7 @@ def cmd_reinforce(a) -> None:
     from engine.runner import load_model
 
     from .condense import MemoryModel
+    from .cot import read_rows
     from .reinforce import ReinforceConfig, reinforce
 
     _threads(a.threads)
@@ -230,7 +225,7 @@ def cmd_reinforce(a) -> None:
     # a resumed run keeps its own record; a new one records where it started
     meta = mm.meta if a.resume else {"preset": mm.meta.get("preset"), "stage": "reinforce", "init": str(a.init),
                                      "large": lm.name, "data": a.data}
-    log = reinforce(mm, lm, _read_rows(a.data), rc, out, meta, resume=a.resume, progress=not a.quiet)
+    log = reinforce(mm, lm, read_rows(a.data), rc, out, meta, resume=a.resume, progress=not a.quiet)
     first = next(r for r in log if "eval_accuracy" in r)
     last = [r for r in log if "eval_accuracy" in r][-1]
     print(f"eval before: {first}\neval after:  {last}\n(eval_empty_cot_*: the same policy given no "

@@ -37,6 +37,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_rows(spec: str) -> list[dict]:
+    """Rows of one or several make-data / make-loop-data files joined by ','."""
+    return [r for path in spec.split(",") for r in read_jsonl(Path(path))]
+
+
 def make_cot_data(lm, out: Path, n_train: int, n_heldout: int, max_new: int = 128, chunk: int = 64) -> dict:
     splits = make_splits({"train": n_train, "heldout": n_heldout})
     stats = {"model": lm.name, "max_new_tokens": max_new}

@@ -80,6 +80,11 @@ def rewards(lm: LoadedModel, texts: list[str], answers: list[int], rc: Reinforce
     return out
 
 
+def distinct_per_prompt(texts: list[str], k: int) -> float:
+    """Mean number of distinct texts among each prompt's K consecutive samples."""
+    return sum(len(set(texts[i:i + k])) for i in range(0, len(texts), k)) / (len(texts) // k)
+
+
 def advantages(r: torch.Tensor, baseline: str, normalize: bool) -> torch.Tensor:
     """r (P, K) -> advantages (P, K)."""
     k = r.shape[1]
@@ -183,7 +188,7 @@ def reinforce(mm: MemoryModel, lm: LoadedModel, rows: list[dict], rc: ReinforceC
                "large_tokens": round(sum(x["large_tokens"] for x in rs) / n, 1),
                "policy_tokens": round(float((length - start).float().mean()), 1),
                # exploration: distinct condensations among a prompt's K samples (1 = nothing to compare)
-               "distinct": round(sum(len(set(texts[i:i + k])) for i in range(0, n, k)) / (n // k), 2),
+               "distinct": round(distinct_per_prompt(texts, k), 2),
                "kl": round(kl.mean().item(), 4), "entropy": round(ent.mean().item(), 4),
                "grad_norm": round(gnorm, 3), "sample_s": round(t_sample, 2), "score_s": round(t_score, 2),
                "step_s": round(time.perf_counter() - t0, 2)}
