@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-tokens", type=int, default=32)
     p.add_argument("--condense-tokens", type=int, default=64)
     p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--lora", metavar="NAME=DIR",
+                   help="serve this PEFT LoRA adapter over --artifact (--lora-modules) and run the conditions "
+                        "on it (model NAME); --artifact keeps its directory name")
     p.add_argument("--compare-artifact", metavar="NAME=DIR",
                    help="a second artifact served beside --artifact (e.g. 4bit=artifacts/...-gptq)")
     p.add_argument("--compare", action="append",
@@ -152,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     sets = a.data or ["svamp-dev"]
-    model = a.model or Path(a.artifact).name
+    if a.lora and "=" not in a.lora:
+        p.error("--lora takes NAME=DIR")
+    model = a.lora.split("=")[0] if a.lora else a.model or Path(a.artifact).name
+    served = Path(a.artifact).name if a.lora else model  # the name --artifact is served under
     conds = conditions(a)
     if a.compare_artifact:
         if "=" not in a.compare_artifact:
@@ -162,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     srv = None
     if a.url is None:
         second = ["--artifact", a.compare_artifact] if a.compare_artifact else []
-        args = ["--artifact", f"{model}={a.artifact}", *second, "--memory-model", a.memory_model, "--max-model-len", "2048",
+        lora = ["--lora-modules", a.lora] if a.lora else []
+        args = ["--artifact", f"{served}={a.artifact}", *second, *lora, "--memory-model", a.memory_model,
+                "--max-model-len", "2048",
                 "--max-tokens-default", "512", "--memory-model-quant", a.memory_model_quant] + (
                     ["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
         srv = ServerProcess(args)

@@ -13,12 +13,13 @@ import hashlib
 import json
 from pathlib import Path
 
+# An adapter kept beside the weights (`lora(merge=false)`) uses PEFT's file names, so
+# `PeftModel.from_pretrained(model, dir)` works; compress.artifact writes them from here
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterError, read_peft_adapter
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names, so `PeftModel.from_pretrained(model, dir)` works
-ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 
 
 class ArtifactError(RuntimeError):
@@ -69,13 +70,15 @@ def load_state(root: Path) -> dict:
 
     state = load_file(str(Path(root) / WEIGHTS))
     if (Path(root) / ADAPTER_WEIGHTS).is_file():
-        for k, v in load_file(str(Path(root) / ADAPTER_WEIGHTS)).items():
-            state[k.removeprefix(PEFT_PREFIX)] = v
+        state.update(read_peft_adapter(root))
     return state
 
 
-def load_engine_model(root: Path, max_len: int | None = None, check: bool = True, int8_kernel: str | None = None):
-    """(model, manifest) for the server's engine; verifies checksums unless check=False."""
+def load_engine_model(root: Path, max_len: int | None = None, check: bool = True, int8_kernel: str | None = None,
+                      adapters: dict[str, Path] | None = None):
+    """(model, manifest) for the server's engine; verifies checksums unless check=False.
+    adapters: name -> PEFT LoRA directory, each applied to the requests that name it
+    (engine.adapters); an artifact's own kept adapter (`lora(merge=false)`) applies to all."""
     import torch
 
     from .config import ModelArgs
@@ -84,6 +87,8 @@ def load_engine_model(root: Path, max_len: int | None = None, check: bool = True
     root = Path(root)
     manifest = verify(root) if check else read_manifest(root)
     if manifest.get("backend") == "onnxruntime":
+        if adapters:
+            raise AdapterError(f"{root} is an ONNX Runtime artifact: per-request LoRA adapters need the torch engine")
         from .ort_backend import OrtModel
 
         return OrtModel(root, max_len=max_len, threads=torch.get_num_threads()), manifest
@@ -92,6 +97,7 @@ def load_engine_model(root: Path, max_len: int | None = None, check: bool = True
     float_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     dtype = float_dtypes.get(manifest.get("dtype"), torch.float32)  # int8 kernels fix their own
     kernel = int8_kernel or manifest.get("int8_kernel") or "weight_only"
-    model = build_model(args, load_state(root), dtype=dtype, max_len=max_len, int8_kernel=kernel)
+    named = {name: read_peft_adapter(path) for name, path in (adapters or {}).items()}
+    model = build_model(args, load_state(root), dtype=dtype, max_len=max_len, int8_kernel=kernel, adapters=named)
     return model, manifest
 

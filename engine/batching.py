@@ -68,6 +68,7 @@ class Sequence:
     # per row; the engine sets a row on EOS, the text layer when a stop string matched
     finished: list[bool] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    adapter: str | None = None  # a per-request LoRA adapter of the model (engine.adapters), or the base weights
     # the engine's bookkeeping
     slots: list[int | None] = field(default_factory=list)  # cache row of each sample; None once it is free
     prefilled: int = 0  # prompt tokens in the cache
@@ -122,6 +123,8 @@ class BatchEngine:
                              f"{self.model.max_len}")
         if not seq.prompt_ids or p.max_tokens < 1:
             raise ValueError("a sequence needs a prompt and at least one token to generate")
+        if seq.adapter is not None and seq.adapter not in getattr(self.model, "adapter_bank", ()):
+            raise ValueError(f"the model has no adapter {seq.adapter!r}")
         if p.lookup_draft and (p.temperature > 0 or p.n > 1 or p.grammar is not None or p.logprobs is not None):
             raise ValueError("lookup drafts need greedy decoding of one row without a grammar or logprobs")
         self.waiting.append(seq)
@@ -186,7 +189,7 @@ class BatchEngine:
             self.cache.reserve(min(self.cache.max_len, len(seq.prompt_ids) + min(seq.params.max_tokens, 256)))
             for s in seq.slots:
                 self.cache.free(s)
-            if self.prefix is not None and (hit := self.prefix.match(self.model, seq.prompt_ids)):
+            if self.prefix is not None and (hit := self.prefix.match(self._owner(seq), seq.prompt_ids)):
                 (k, v), m = hit
                 self.cache.write_row(seq.slots[0], k, v, m)
                 seq.prefilled = seq.cached_tokens = m
@@ -196,8 +199,13 @@ class BatchEngine:
         """Store the KV row i of seq holds in the prefix cache (before the slot is freed)."""
         n = self.cache.lens[seq.slots[i]] if self.cache is not None else 0
         if self.prefix is not None and n > 0:
-            self.prefix.store(self.model, seq.fed(i, n), lambda m: self.cache.read_row(seq.slots[i], m),
+            self.prefix.store(self._owner(seq), seq.fed(i, n), lambda m: self.cache.read_row(seq.slots[i], m),
                               self.cache.token_bytes())
+
+    def _owner(self, seq: Sequence):
+        """Whose KV a prefix-cache entry is: the model, or the model with one adapter (the
+        adapter changes every layer's K and V, so the base and each adapter never share)."""
+        return self.model if seq.adapter is None else (self.model, seq.adapter)
 
     # ---- forwards ---------------------------------------------------------------------
 
@@ -205,12 +213,14 @@ class BatchEngine:
         """One forward for every live row of `seqs`, then each sequence samples its rows."""
         rows = sorted((seq.slots[i], seq, i) for seq in seqs for i in seq.live())  # by slot: a view when contiguous
         slots = [r[0] for r in rows]
-        if self.decoder is not None:
+        adapters = [seq.adapter for _, seq, _ in rows]
+        # the compiled graph is the base model's: a step with an adapter row runs eager
+        if self.decoder is not None and not any(adapters):
             logits = self.decoder(self.cache, {slot: seq.last[i] for slot, seq, i in rows})  # (B, V), slot order
         else:
             self.cache.reserve(max(self.cache.lens[s] for s in slots) + 1)
             ids = torch.tensor([[seq.last[i]] for _, seq, i in rows], device=self.model.device)
-            logits = self.model.forward_rows(ids, self.cache.view(slots), last_only=True)[:, -1]  # (B, V)
+            logits = self._forward(ids, self.cache.view(slots), adapters, last_only=True)[:, -1]  # (B, V)
         out = {}
         for seq in seqs:
             at = [j for j, (_, s, _) in enumerate(rows) if s is seq]
@@ -233,7 +243,8 @@ class BatchEngine:
         ids = torch.tensor([[seq.last[0]] + d + [0] * (t - 1 - len(d)) for (_, seq), d in zip(rows, drafts)],
                            device=self.model.device)
         view = self.cache.view(slots)
-        greedy = self.model.forward_rows(ids, view).argmax(-1).tolist()  # (B, T): the choice after each fed token
+        greedy = self._forward(ids, view, [seq.adapter for _, seq in rows]
+                               ).argmax(-1).tolist()  # (B, T): the choice after each fed token
         out = {}
         for (slot, seq), draft, g, start in zip(rows, drafts, greedy, view.starts):
             m = accepted(draft, g)
@@ -262,7 +273,7 @@ class BatchEngine:
             t, row = min(left, budget), seq.slots[0]
             self.cache.reserve(seq.prefilled + t)
             ids = torch.tensor([seq.prompt_ids[seq.prefilled:seq.prefilled + t]], device=self.model.device)
-            logits = self.model.forward_rows(ids, self.cache.view([row]), last_only=True)[:, -1]  # (1, V)
+            logits = self._forward(ids, self.cache.view([row]), [seq.adapter], last_only=True)[:, -1]  # (1, V)
             seq.prefilled += t
             budget -= t
             if seq.prefilled == len(seq.prompt_ids):
@@ -272,6 +283,11 @@ class BatchEngine:
                 n = seq.params.n
                 out[seq] = self._sample(seq, logits.expand(n, -1), list(range(n)))
         return out
+
+    def _forward(self, ids: torch.Tensor, view, adapters: list[str | None], last_only: bool = False) -> torch.Tensor:
+        # adapters named only when a row has one: other batched models (the memory model) take none
+        extra = {"adapters": adapters} if any(a is not None for a in adapters) else {}
+        return self.model.forward_rows(ids, view, last_only=last_only, **extra)
 
     @staticmethod
     def _sample(seq: Sequence, logits: torch.Tensor, rows: list[int]) -> StepOutput:

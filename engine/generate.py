@@ -73,15 +73,21 @@ def constrained_sample(logits: torch.Tensor, params: SamplingParams, gen: torch.
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; returns last logits (B, V)."""
-    return model(ids, cache, last_only=True)[:, -1]
+def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, adapter: str | None = None) -> torch.Tensor:
+    """Run the prompt (B, T) through the model (with a per-request LoRA adapter if named),
+    filling the cache; returns last logits (B, V)."""
+    return model(ids, cache, last_only=True, **_adapter_kw(adapter))[:, -1]
 
 
 @torch.inference_mode()
-def decode_one_token(model: Transformer, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_one_token(model: Transformer, tok: torch.Tensor, cache: KVCache, adapter: str | None = None) -> torch.Tensor:
     """tok (B,) -> next-token logits (B, V), advancing the cache by one position."""
-    return model(tok[:, None], cache, last_only=True)[:, -1]
+    return model(tok[:, None], cache, last_only=True, **_adapter_kw(adapter))[:, -1]
+
+
+def _adapter_kw(adapter: str | None) -> dict:
+    # only named when used: the memory model's forward (same helpers) has no adapters
+    return {} if adapter is None else {"adapter": adapter}
 
 
 def token_logprobs(logits: torch.Tensor, tok: torch.Tensor, top: int | None):
@@ -110,20 +116,22 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 @torch.inference_mode()
 def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int],
-             cancel: threading.Event | None = None, finished_rows: list[bool] | None = None) -> Iterator[StepOutput]:
+             cancel: threading.Event | None = None, finished_rows: list[bool] | None = None,
+             adapter: str | None = None) -> Iterator[StepOutput]:
     """Yield one StepOutput per generated position for n parallel samples of one prompt.
 
     The prompt is prefilled once at batch 1 and its cache broadcast to n rows. A row
     finishes on an EOS token (not yielded as text: the caller sees it in `finished`) or
     when the caller marks it in `finished_rows` (e.g. a stop string matched); generation
-    ends when all rows finish, max_tokens is reached, or `cancel` is set.
+    ends when all rows finish, max_tokens is reached, or `cancel` is set. `adapter`: a
+    per-request LoRA adapter of the model (engine.adapters) for every forward.
     """
     n = params.n
     total = len(prompt_ids) + params.max_tokens
     gen = make_generator(params.seed)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
     prompt_cache = model.new_cache(1, total)
-    logits = prefill(model, ids, prompt_cache)
+    logits = prefill(model, ids, prompt_cache, adapter)
     if n > 1:
         cache = model.new_cache(n, total)
         cache.prefill(prompt_cache)
@@ -152,4 +160,4 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams, 
                          ended if grammars is not None else None)
         if all(finished) or step == params.max_tokens - 1:
             return
-        logits = decode_one_token(model, full, cache)
+        logits = decode_one_token(model, full, cache, adapter)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import naming
+from .adapters import AdapterBank, AdapterError, SwitchedAdapters
 from .config import ModelArgs
 from .gptq_format import gptq_linear, module_tensors
 from .model import Transformer, rope_tables
@@ -101,21 +102,40 @@ class WithAdapter(nn.Module):
         return y + delta.to(y.dtype)
 
 
+def _factors(state: dict, names: list[str], adapter: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A stacked (r_total, in), B block-diagonal (out_total, r_total)) of the adapter factors
+    `adapter` (default: `state` itself) holds for the parts `names` of one fused projection of
+    `state`; None if it holds none. A part without factors gets a rank-0 block. Factors that do
+    not fit their part raise ValueError."""
+    adapter = state if adapter is None else adapter
+    pairs = [naming.adapter_names(naming.module_of(n)) for n in names]
+    if not any(a in adapter for a, _ in pairs):
+        return None
+    a_parts, b_parts = [], []
+    for (a, b), n in zip(pairs, names):
+        out_f, in_f = _out_features(state, n), _in_features(state, n)
+        if a in adapter:
+            if adapter[a].shape[1] != in_f or adapter[b].shape != (out_f, adapter[a].shape[0]):
+                raise AdapterError(f"adapter for {naming.module_of(n)}: A {tuple(adapter[a].shape)} and B "
+                                 f"{tuple(adapter[b].shape)} do not fit its ({out_f}, {in_f}) weight")
+            a_parts.append(adapter[a].float())
+            b_parts.append(adapter[b].float())
+        else:
+            a_parts.append(torch.zeros(0, in_f))
+            b_parts.append(torch.zeros(out_f, 0))
+    return torch.cat(a_parts, dim=0), torch.block_diag(*b_parts)
+
+
 def _adapter(state: dict, names: list[str], base: nn.Module, dtype) -> nn.Module:
     """Wrap `base` (the fused module of `names`) with the parts' adapters, if any."""
-    adapters = [naming.adapter_names(naming.module_of(n)) for n in names]
-    if not any(a in state for a, _ in adapters):
-        return base
-    a_parts, b_parts = [], []
-    for (a, b), n in zip(adapters, names):
-        out_f = _out_features(state, n)
-        if a in state:
-            a_parts.append(state[a].float())
-            b_parts.append(state[b].float())
-        else:  # no adapter on this part: a rank-0 block
-            a_parts.append(torch.zeros(0, _in_features(state, n)))
-            b_parts.append(torch.zeros(out_f, 0))
-    return WithAdapter(base, torch.cat(a_parts, dim=0), torch.block_diag(*b_parts), dtype)
+    factors = _factors(state, names)
+    return base if factors is None else WithAdapter(base, *factors, dtype)
+
+
+def _switched(state: dict, names: list[str], base: nn.Module, adapters: list[dict], bank: AdapterBank) -> nn.Module:
+    """Wrap `base` with the per-request adapters (bank order) that touch it, if any."""
+    factors = {k: f for k, adapter in enumerate(adapters) if (f := _factors(state, names, adapter)) is not None}
+    return SwitchedAdapters(base, bank, factors) if factors else base
 
 
 def _out_features(state: dict, name: str) -> int:
@@ -225,10 +245,15 @@ def _set_param(module: nn.Module, w: torch.Tensor):
 
 
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                max_len: int | None = None, int8_kernel: str = "weight_only") -> Transformer:
+                max_len: int | None = None, int8_kernel: str = "weight_only",
+                adapters: dict[str, dict[str, torch.Tensor]] | None = None) -> Transformer:
     """state: HF-named tensors. dtype applies to float weights. Int8 weights stay int8 and
     fix the activation dtype to their kernel's contract: bf16 for "weight_only", fp32 for
-    "dynamic"."""
+    "dynamic". adapters: name -> LoRA factors (engine.adapters.read_peft_adapter) that a
+    forward applies to the rows that name them (`model.adapter_bank`)."""
+    adapters = adapters or {}
+    for name, adapter in adapters.items():
+        _check_covers(name, adapter, args.n_layers)
     any_int8 = any(naming.is_int8_scale(k) for k in state)
     any_int4 = any(naming.is_gptq_weight(k) for k in state)
     if any_int4 and (not any_int8 or int8_kernel == "weight_only"):
@@ -243,14 +268,16 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     with torch.device("meta"):
         model = Transformer(args, max_len=max_len)
     model = model.to_empty(device="cpu").to(compute)
+    model.adapter_bank.names = list(adapters)
     for name, buf in rope_buffers(args, model.max_len).items():
         setattr(model, name, buf)  # fp32 tables, cast per forward like HF does
     for i, block in enumerate(model.layers):
         for path, projs in FUSED_PROJECTIONS.items():
             parent, attr = path.split(".")
             names = [naming.layer_weight(i, p) for p in projs]
-            setattr(getattr(block, parent), attr,
-                    _with_bias(state, names, _projection(state, names, compute, int8_kernel), compute))
+            module = _projection(state, names, compute, int8_kernel)
+            module = _switched(state, names, module, list(adapters.values()), model.adapter_bank)
+            setattr(getattr(block, parent), attr, _with_bias(state, names, module, compute))
         p = naming.layer_prefix(i)
         a = p + "self_attn."
         _set_param(block.attn_norm, state[p + "input_layernorm.weight"])
@@ -276,6 +303,19 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
     else:
         model.output = _dense(head, head_scale, compute, int8_kernel)
     return model.eval()
+
+
+def _check_covers(name: str, adapter: dict, n_layers: int) -> None:
+    """Every factor of a per-request adapter must sit on a projection the engine builds."""
+    projs = {p for parts in FUSED_PROJECTIONS.values() for p in parts}
+    for key in adapter:
+        module = key[: -len(naming.ADAPTER_A)] if key.endswith(naming.ADAPTER_A) else key[: -len(naming.ADAPTER_B)]
+        parts = module.split(".")
+        ok = (len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+              and int(parts[2]) < n_layers and ".".join(parts[3:]) in projs)
+        if not ok:
+            raise AdapterError(f"adapter {name!r}: {module} is not a projection of this model "
+                               f"(LoRA on q/k/v/o and gate/up/down of layers 0-{n_layers - 1} only)")
 
 
 def rope_buffers(args: ModelArgs, max_len: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .adapters import AdapterBank
 from .config import ModelArgs
 from .kv_cache import KVCache, RowsView, SlotKVCache
 
@@ -237,6 +238,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.adapter_bank = AdapterBank()  # per-request LoRA adapters, named at load (engine.loader)
         self._rope = {}
         for theta in sorted(set(args.rope_theta)):
             cos, sin = rope_tables(args.head_dim, theta, self.max_len, args.rope_scaling)
@@ -336,8 +338,10 @@ class Transformer(nn.Module):
         return [(*tables[self.args.rope_theta[layer]], masks[self.args.sliding_window[layer]])
                 for layer in range(len(self.layers))]
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                adapter: str | None = None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only; every row through the
+        named per-request LoRA adapter when `adapter` is given.
 
         With a cache, the new tokens sit at positions [cache.pos, cache.pos + T) and the cache
         advances by T; without one this is a plain causal forward from position 0.
@@ -346,16 +350,26 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + t > self.max_len:
             raise ValueError(f"sequence length {start + t} exceeds max_len {self.max_len}")
-        return self._run(ids, self.layer_inputs(start, t, ids.device), cache, last_only)
+        inputs = self.layer_inputs(start, t, ids.device)
+        if adapter is None:
+            return self._run(ids, inputs, cache, last_only)
+        with self.adapter_bank.select([adapter] * b, ids.device):
+            return self._run(ids, inputs, cache, last_only)
 
-    def forward_rows(self, ids: torch.Tensor, rows: RowsView, last_only: bool = False) -> torch.Tensor:
+    def forward_rows(self, ids: torch.Tensor, rows: RowsView, last_only: bool = False,
+                     adapters: list[str | None] | None = None) -> torch.Tensor:
         """Continuous batching: ids (B, T) are the next T tokens of B independent sequences,
         each in its own cache row at its own length (`SlotKVCache.view`); every row advances by
-        T. -> logits (B, T, V), or (B, 1, V) with last_only."""
+        T. -> logits (B, T, V), or (B, 1, V) with last_only. adapters[b]: row b's per-request
+        LoRA adapter (None: the base weights alone)."""
         t = ids.shape[1]
         if max(rows.starts) + t > self.max_len:
             raise ValueError(f"sequence length {max(rows.starts) + t} exceeds max_len {self.max_len}")
-        return self._run(ids, self.row_inputs(rows.starts, t, ids.device), rows, last_only)
+        inputs = self.row_inputs(rows.starts, t, ids.device)
+        if adapters is None or all(a is None for a in adapters):
+            return self._run(ids, inputs, rows, last_only)
+        with self.adapter_bank.select(adapters, ids.device):
+            return self._run(ids, inputs, rows, last_only)
 
     def _run(self, ids, inputs, cache, last_only: bool) -> torch.Tensor:
         x = self.embed(ids).to(self.compute_dtype)

@@ -20,7 +20,8 @@ applied at absolute positions, so a prefix's KV is the same whichever request co
 (up to float rounding of a different batch shape, as with chunked prefill). Sliding-window
 layers keep the full history in `SlotKVCache` and mask by window, so a reused prefix holds
 every key a later query may need; CHAI layers' fewer key heads are stored as they are cached.
-Entries belong to one model (`owner`): two models never share KV.
+Entries belong to one owner (a model, or a model with a per-request adapter: `(model, name)`,
+compared with ==): two owners never share KV.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class PrefixCache:
         if n == 0:
             return
         for key, e in list(self._entries.items()):
-            if e.owner is not owner:
+            if e.owner != owner:
                 continue
             m = _common_prefix(e.ids, q)
             if m == n:  # nothing new
@@ -120,7 +121,7 @@ class PrefixCache:
         best, m = None, 0
         for key in reversed(self._entries):  # most recent first: it wins ties
             e = self._entries[key]
-            if e.owner is owner:
+            if e.owner == owner:
                 n = _common_prefix(e.ids, q)
                 if n > m:
                     best, m = key, n

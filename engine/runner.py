@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +59,15 @@ class LoadedModel:
     manifest: dict
     eos_ids: set[int]
     max_model_len: int
+    # a per-request LoRA adapter of `model` this name serves (engine.adapters), or the base weights;
+    # `with_adapter` makes such a view, sharing the model, tokenizer and batch
+    adapter: str | None = None
     _grammar_tokenizer: object = field(default=None, repr=False)
+
+    def with_adapter(self, name: str, adapter: str) -> LoadedModel:
+        if adapter not in self.model.adapter_bank:
+            raise ValueError(f"{self.name} has no adapter {adapter!r}")
+        return replace(self, name=name, adapter=adapter)
 
     def compile_grammar(self, spec):
         """`engine.grammar.Grammar` for this model's tokenizer (GrammarError when invalid); the
@@ -87,7 +95,9 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, name: str | None = None, max_model_len: int | None = None,
-               verify: bool = True) -> LoadedModel:
+               verify: bool = True, adapters: dict[str, Path] | None = None) -> LoadedModel:
+    """An artifact ready to serve; `adapters` (name -> PEFT LoRA directory) load beside its
+    weights for requests that name them (`LoadedModel.with_adapter`)."""
     from transformers import AutoTokenizer
 
     from .artifact import load_engine_model
@@ -96,7 +106,7 @@ def load_model(path: str | Path, name: str | None = None, max_model_len: int | N
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     native = config.get("max_position_embeddings", 2048)
     n_ctx = min(max_model_len or 4096, native)
-    model, manifest = load_engine_model(path, max_len=n_ctx, check=verify)
+    model, manifest = load_engine_model(path, max_len=n_ctx, check=verify, adapters=adapters)
     tok = AutoTokenizer.from_pretrained(str(path))
     eos = set(model.args.eos_token_ids)
     gen_cfg = path / "generation_config.json"

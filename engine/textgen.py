@@ -83,7 +83,7 @@ class TextRequest:
         self.rows = [_Row(IncrementalDetokenizer(lm.tokenizer, prompt_ids), StopMatcher(params.stop))
                      for _ in range(params.n)]
         self.finished = [False] * params.n
-        self.seq = Sequence(prompt_ids, params, lm.eos_ids, finished=self.finished)
+        self.seq = Sequence(prompt_ids, params, lm.eos_ids, finished=self.finished, adapter=lm.adapter)
 
     def step(self, out: StepOutput) -> TokenStep:
         """The text of one step's tokens: a delta per row that was still running."""
@@ -105,7 +105,8 @@ class TextRequest:
 
     def work(self, cancel: threading.Event) -> Iterator[Event]:
         """The request alone on the worker: `generate` (prefill once, n rows in lockstep)."""
-        for out in generate(self.lm.model, self.prompt_ids, self.params, self.lm.eos_ids, cancel, self.finished):
+        for out in generate(self.lm.model, self.prompt_ids, self.params, self.lm.eos_ids, cancel, self.finished,
+                            self.lm.adapter):
             yield self.step(out)
         yield from self.close()
 

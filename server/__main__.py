@@ -6,6 +6,9 @@ Run:
     python -m server --artifact chat=artifacts/a --artifact base=artifacts/b --api-key KEY1 --api-key KEY2
     python -m server --gguf ~/models/qwen2.5-0.5b-instruct-q8_0.gguf    # any local GGUF (built once, cached)
     python -m server --hybrid-default --hybrid-loops 2   # every chat request runs the hybrid loop
+    python -m server --lora-modules svamp=adapters/smollm2-135m-svamp --hybrid-adapter svamp
+                                                        # model "svamp" = base weights + that LoRA adapter;
+                                                        # the hybrid loop reasons with it, direct chat without
     python -m server --profile auto --battery-artifact artifacts/smollm2-135m-instruct-gptq
                                                         # on battery: gptq artifact, half the threads, 1 loop
 The shipped memory model (memory_model/checkpoints/default) is loaded unless --memory-model
@@ -80,6 +83,9 @@ def build_parser(prog: str = "python -m server", description: str | None = None)
     p = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     p.add_argument("--artifact", action="append", default=[], metavar="[NAME=]DIR",
                    help="artifact to serve (repeatable; the name defaults to the directory name)")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=DIR",
+                   help="PEFT LoRA adapter directories over the first artifact's weights, each served as "
+                        "model NAME (repeatable; requests with and without an adapter share the batch)")
     p.add_argument("--gguf", action="append", default=[], metavar="FILE",
                    help="serve a local GGUF file (repeatable): built once into a cached artifact with "
                         "--gguf-recipe, keyed by the file's sha256; the model name is the file's stem")
@@ -124,6 +130,9 @@ def build_parser(prog: str = "python -m server", description: str | None = None)
     h.add_argument("--hybrid-condense-tokens", type=int, default=d.hybrid_condense_tokens)
     h.add_argument("--hybrid-answer-tokens", type=int, default=d.hybrid_answer_tokens,
                    help="final answer budget when a request sets no max_tokens")
+    h.add_argument("--hybrid-adapter", metavar="NAME",
+                   help="a --lora-modules name the hybrid loop's large-model stages run with on the default "
+                        "model (e.g. a reasoning adapter); its direct requests keep the base weights")
     h.add_argument("--ping-interval", type=float, default=d.ping_interval_s,
                    help="seconds of silence before an SSE keep-alive comment")
     w = p.add_argument_group("power profiles")
@@ -154,7 +163,8 @@ def to_config(a: argparse.Namespace, p: argparse.ArgumentParser):
     if a.prefix_cache_mb < 0:
         p.error("--prefix-cache-mb must be 0 (off) or more")
     keys = a.api_key + [k for k in os.environ.get("HYBRID_API_KEYS", "").split(",") if k]
-    return ServerConfig(artifacts=a.artifact, host=a.host, port=a.port, api_keys=keys,
+    return ServerConfig(artifacts=a.artifact, lora_modules=a.lora_modules, hybrid_adapter=a.hybrid_adapter,
+                           host=a.host, port=a.port, api_keys=keys,
                            max_model_len=a.max_model_len, max_queue=a.max_queue,
                            max_num_seqs=a.max_num_seqs, prefill_chunk=a.prefill_chunk, compile=a.compile,
                            prefix_cache_mb=a.prefix_cache_mb,
@@ -185,6 +195,8 @@ def prepare(a: argparse.Namespace, cfg) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if rc := _check_adapters(cfg):
+        return rc
     for name, path in paths.items():
         try:
             manifest = verify(path) if cfg.verify_checksums else read_manifest(path)
@@ -205,6 +217,20 @@ def prepare(a: argparse.Namespace, cfg) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"error: memory model: {e}", file=sys.stderr)
             return 2
+    return 0
+
+
+def _check_adapters(cfg) -> int:
+    """Every --lora-modules directory readable as a PEFT LoRA adapter: 0, or 2 after one line.
+    (Whether it fits the model's shapes is checked when the model loads.)"""
+    from engine.adapters import AdapterError, read_peft_adapter
+
+    try:
+        for name, path in cfg.adapter_paths().items():
+            read_peft_adapter(path)
+    except (ValueError, AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

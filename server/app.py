@@ -53,11 +53,7 @@ class AppState:
             if self.cfg.threads:
                 torch.set_num_threads(self.cfg.threads)
             t0 = time.perf_counter()
-            models = {}
-            for name, path in self.cfg.model_paths().items():
-                models[name] = load_model(path, name, self.cfg.max_model_len, self.cfg.verify_checksums)
-            if not models:
-                raise ValueError("no artifact configured")
+            models = self._load_models()
             if self.cfg.compile:
                 self._compile(models)
             memory = None
@@ -73,13 +69,27 @@ class AppState:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
 
+    def _load_models(self) -> dict:
+        """Every artifact by name, the primary first, with the LoRA adapters over its weights;
+        then each adapter as a model name of its own (a view sharing the primary's weights)."""
+        models, adapters = {}, self.cfg.adapter_paths()
+        for name, path in self.cfg.model_paths().items():
+            models[name] = load_model(path, name, self.cfg.max_model_len, self.cfg.verify_checksums,
+                                      adapters=None if models else adapters)
+        if not models:
+            raise ValueError("no artifact configured")
+        primary = next(iter(models.values()))
+        for name in adapters:
+            models[name] = primary.with_adapter(name, name)
+        return models
+
     def _compile(self, models: dict) -> None:
         """Compile each model's decode step before requests are admitted (the first user does
-        not wait for it)."""
+        not wait for it). An adapter's name shares its base model's graph (its rows run eager)."""
         from engine.compiled import CompiledDecode
 
         for name, lm in models.items():
-            if CompiledDecode.supports(lm.model):
+            if lm.adapter is None and CompiledDecode.supports(lm.model):
                 s = CompiledDecode(lm.model).warm_up(self.cfg.max_num_seqs)
                 self.metrics.compile_seconds.labels(name).set(s)
                 log.info("compiled %s's decode step in %.1fs", name, s)

@@ -9,6 +9,9 @@ from pathlib import Path
 @dataclass
 class ServerConfig:
     artifacts: list[str] = field(default_factory=list)  # "DIR" or "NAME=DIR"; the first is the default model
+    # "NAME=DIR": PEFT LoRA adapters over the first artifact's weights, each served as model NAME
+    # (vLLM's --lora-modules); requests with and without one share the batch
+    lora_modules: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"  # loopback unless the operator opts in to exposure
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)  # Bearer keys accepted on /v1/*; empty = no auth
@@ -34,6 +37,9 @@ class ServerConfig:
     hybrid_cot_group_tokens: int = 64
     hybrid_condense_tokens: int = 100
     hybrid_answer_tokens: int = 512  # final answer budget when the request sets no max_tokens
+    # a --lora-modules name: the hybrid loop's large-model stages on the default model run with
+    # it (a reasoning adapter), its direct requests without; None = the request's own model
+    hybrid_adapter: str | None = None
     ping_interval_s: float = 5.0  # SSE comment sent when a stream has had no event for this long
     # power profiles (server/profiles.py)
     profile: str = "plugged"  # plugged | battery | auto (follow the power source)
@@ -50,6 +56,21 @@ class ServerConfig:
             if name in out and out[name] != path:
                 raise ValueError(f"battery artifact name {name!r} is already used by {out[name]}")
             out[name] = path
+        return out
+
+    def adapter_paths(self) -> dict[str, Path]:
+        """LoRA adapters by served name; a name an artifact already uses is refused."""
+        out = {}
+        for spec in self.lora_modules:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules takes NAME=DIR, not {spec!r}")
+            if name in out or name in self.model_paths():
+                raise ValueError(f"lora module name {name!r} is already used")
+            out[name] = Path(path)
+        if self.hybrid_adapter is not None and self.hybrid_adapter not in out:
+            raise ValueError(f"--hybrid-adapter {self.hybrid_adapter!r} is not one of the --lora-modules "
+                             f"({', '.join(out) or 'none given'})")
         return out
 
     def battery_model(self) -> str | None:

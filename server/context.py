@@ -64,10 +64,19 @@ class ServingContext:
         raise APIError(404, f"The model '{name}' does not exist; available: {', '.join(self.models)}",
                        param="model", code="model_not_found")
 
+    def hybrid_model(self, lm: LoadedModel) -> LoadedModel:
+        """The model the hybrid loop's large-model stages run on: with --hybrid-adapter, the
+        default model's weights through that adapter (under the same name); else `lm`."""
+        name = self.cfg.hybrid_adapter
+        if name is None or lm.adapter is not None or name not in getattr(lm.model, "adapter_bank", ()):
+            return lm
+        return lm.with_adapter(lm.name, name)
+
     def model_list(self) -> P.ModelList:
         prof = self.profiles.refresh()
         return P.ModelList(data=[
             P.ModelCard(id=name, created=int(lm.path.stat().st_mtime), max_model_len=lm.max_model_len,
+                        parent=self._base_name(lm),
                         meta={"arch": lm.manifest.get("arch"), "model_type": lm.manifest.get("model_type"),
                               "recipe": lm.manifest.get("recipe"), "quantization": _quantization(lm.manifest),
                               "source": _source(lm.manifest),
@@ -75,8 +84,15 @@ class ServingContext:
                               "dtype": lm.manifest.get("dtype"), "chat_template": lm.has_chat_template,
                               "n_params": lm.manifest.get("n_params"), "profile": prof.name,
                               "profile_mode": self.profiles.mode,
-                              "served_by": (prof.model or name) if name == self.default_model else name})
+                              "served_by": (prof.model or name) if name == self.default_model else name,
+                              **({"adapter": str(self.cfg.adapter_paths()[name])} if lm.adapter else {})})
             for name, lm in self.models.items()])
+
+    def _base_name(self, lm: LoadedModel) -> str | None:
+        """vLLM's `parent`: the model an adapter's name runs on; None for a model itself."""
+        if lm.adapter is None:
+            return None
+        return next(n for n, m in self.models.items() if m.model is lm.model and m.adapter is None)
 
 
 def _quantization(manifest: dict) -> str:

@@ -114,8 +114,8 @@ def _stream(model, seq: Sequence) -> Iterator[int | Join | None]:
 
 
 def _stage_seq(ids: list[int], params: SamplingParams, eos: set[int], cancel: threading.Event,
-               gen: torch.Generator | None = None) -> Sequence:
-    seq = Sequence(list(ids), params, eos, cancel=cancel)
+               gen: torch.Generator | None = None, adapter: str | None = None) -> Sequence:
+    seq = Sequence(list(ids), params, eos, cancel=cancel, adapter=adapter)
     if gen is not None:  # one generator for all of a request's sampled stages: seeded requests repeat
         seq.gen = gen
     return seq
@@ -228,7 +228,7 @@ def _cot_stage(r: _Request, p: str, loop: int) -> Iterator[Event | Join | _Cot |
     ids, _ = r.lm.encode_chat(r.history + cot_messages(p))
     params = SamplingParams(max_tokens=hp.cot_groups * hp.cot_group_tokens, temperature=hp.cot_temperature,
                             top_p=r.sp.top_p, top_k=r.sp.top_k)
-    seq = _stage_seq(ids, params, r.lm.eos_ids, r.cancel, r.gen)
+    seq = _stage_seq(ids, params, r.lm.eos_ids, r.cancel, r.gen, r.lm.adapter)
     detok = IncrementalDetokenizer(r.lm.tokenizer, ids)
     cot_text, groups, in_group, n_cot, line_start, answered = "", 0, 0, 0, 0, False
     yield from r.say(f"[loop {loop + 1}] reasoning:\n")
@@ -285,7 +285,7 @@ def _answer_stage(r: _Request, p: str, stop: list[str]) -> Iterator[Event | Join
     detok = IncrementalDetokenizer(lm.tokenizer, ids)
     stops = StopMatcher(stop + [s for s in extra_stops if s not in stop])
     # the batch samples within the grammar (structured output / tools) and ends the row with it
-    seq = _stage_seq(ids, replace(sp, n=1, stop=[], logprobs=None), lm.eos_ids, r.cancel, r.gen)
+    seq = _stage_seq(ids, replace(sp, n=1, stop=[], logprobs=None), lm.eos_ids, r.cancel, r.gen, lm.adapter)
     n, finish = 0, None
     for tok in _stream(lm.model, seq):
         if not isinstance(tok, int):

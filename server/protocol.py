@@ -490,6 +490,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "hybrid-llm"
+    parent: str | None = None  # vLLM: the base model a LoRA adapter's name runs on; None for a base model
     max_model_len: int | None = None
     meta: dict | None = None
 

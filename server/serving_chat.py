@@ -122,7 +122,7 @@ class ChatServing(OpenAIServing):
         params = req.to_sampling_params(answer_tokens)
         self.constrain(params, lm, asked)  # the answer stage is the constrained one
         counter = self.ctx.metrics.generation_tokens.labels(lm.name)
-        return params, hybrid_work(lm, mm, messages, hp, params, params.stop, counter.inc)
+        return params, hybrid_work(self.ctx.hybrid_model(lm), mm, messages, hp, params, params.stop, counter.inc)
 
     # ---- wire objects ---------------------------------------------------------------------
 

@@ -222,3 +222,21 @@ def int8_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[k] = v
     return out
+
+
+def save_peft_adapter(model_dir: Path, out: Path, seed: int, **lora) -> torch.nn.Module:
+    """A PEFT LoRA adapter with random (non-zero) B saved to `out`; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"],
+                        "lora_dropout": 0.0, **lora})
+    model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(out)
+    return model.eval()
