@@ -12,6 +12,7 @@ import torch
 from compress.build import load_hf_dir
 from engine.batching import BatchConfig, BatchEngine, Sequence
 from engine.compiled import CompiledDecode
+from engine.generate import generate
 from engine.config import ModelArgs
 from engine.loader import build_model
 from engine.quant import Int8WeightOnlyLinear, quantize_per_channel
@@ -197,3 +198,24 @@ def test_compiled_int8_logits_agree_with_eager(int8_model):
     for got, want in [(one[0], eager[0]), (two[0], eager[0]), (two[1], eager[1])]:
         rel = (got.float() - want.float()).norm() / want.float().norm()
         assert rel < 5e-3, rel  # intermediates kept in fp32 (inductor's default) gave 1-6%
+
+
+def test_adapter_rows_run_eager_beside_the_compiled_base_rows(llama_dir):
+    """A step with a per-request adapter row runs eager (the graph is the base model's); the
+    steps before and after it use the graph, on the same cache rows."""
+    config, state = load_hf_dir(llama_dir)
+    g = torch.Generator().manual_seed(5)
+    adapter = {}
+    for i in range(config["num_hidden_layers"]):
+        for proj, out_f in (("self_attn.q_proj", 64), ("mlp.up_proj", 128)):
+            adapter[f"model.layers.{i}.{proj}.lora_A.weight"] = torch.randn(2, 64, generator=g)
+            adapter[f"model.layers.{i}.{proj}.lora_B.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
+    m = build_model(ModelArgs.from_hf_config(config), state, max_len=128, adapters={"r": adapter})
+    CompiledDecode(m).warm_up(SLOTS)
+    v = m.args.vocab_size
+    base, tuned = (_prompt(7, v), greedy(16)), (_prompt(11, v), greedy(5))
+    a, b = Sequence(*base, set()), Sequence(*tuned, set(), adapter="r")
+    got = run(compiled_engine(m), {0: [a], 4: [b]})  # compiled, then eager with b, then compiled again
+    assert got[a] == alone(m, *base)
+    want = [o.tokens[0] for o in generate(m, *tuned, set(), adapter="r")]
+    assert got[b] == [want] and want != alone(m, *tuned)[0]
