@@ -1,12 +1,13 @@
 # Two commands for a fresh machine (no internet but the package registries):
 #   make serve   - set up, build the default artifact from the packaged SmolLM2 GGUF, serve on 127.0.0.1:8000
+#                  (chat on its own weights; the hybrid loop reasons with the shipped SVAMP LoRA adapter)
 #   make test    - set up and run the test suite (the slow real-model tests included)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops docker docker-smoke
+.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops reasoning-adapter reasoning-eval-adapter docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,8 +26,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The default model answers chat with its own weights; hybrid requests on it (hybrid: {...} or
+# reasoning_effort) run their large-model stages through the shipped SVAMP LoRA adapter, condensed by
+# the shipped 70M memory model; model "smollm2-135m-svamp" is the adapter for every request.
+SVAMP_ADAPTER ?= adapters/smollm2-135m-svamp
 serve: setup
-	$(BIN)/python -m server --port $(PORT)
+	$(BIN)/python -m server --port $(PORT) --lora-modules smollm2-135m-svamp=$(SVAMP_ADAPTER) \
+		--hybrid-adapter smollm2-135m-svamp --memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8
 
 test: setup
 	$(BIN)/python -m pytest -q -rs
@@ -209,6 +215,29 @@ reasoning-eval-loops-rl: memory-model-70m-loops-rl
 
 serve-reasoning-loops: memory-model-70m-loops
 	$(BIN)/python -m server --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) --memory-model-quant int8 --port $(PORT)
+
+# The reasoning tuning as a LoRA adapter over the default chat weights (about 30 minutes on 2 CPU cores):
+# reasoning-large's lora step with merge=false, its base written int8 (bit-identical to the default
+# artifact's weights), exported as the shipped adapters/smollm2-135m-svamp; then its evaluation over
+# HTTP beside the merged model (one server, one run) and the adapter's decode cost against the merged one
+ADAPTER_ART ?= artifacts/smollm2-135m-svamp-adapter-int8
+DEFAULT_ART ?= artifacts/smollm2-135m-instruct-int8
+reasoning-adapter: setup
+	test -f $(ADAPTER_ART)/manifest.json || $(BIN)/python -m compress build --source smollm2-135m-instruct \
+		--recipe "lora(data=svamp-train,steps=262,batch=8,r=16,alpha=32,targets=all,lr=1e-3,dropout=0.05,merge=false),int8" \
+		--out $(ADAPTER_ART)
+	$(BIN)/python -m compress export-adapter $(ADAPTER_ART) --out $(SVAMP_ADAPTER) --force
+
+reasoning-eval-adapter: reasoning-adapter reasoning-large
+	test -f $(DEFAULT_ART)/manifest.json || $(BIN)/python -m compress build --source smollm2-135m-instruct \
+		--recipe int8 --out $(DEFAULT_ART)
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(DEFAULT_ART) --lora smollm2-135m-svamp=$(SVAMP_ADAPTER) \
+		--memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8 --data svamp-dev --loops 3 \
+		--groups 1 --group-tokens 24 --condense-tokens 100 --answer-tokens 12 --compare-artifact merged=$(REASON) \
+		--compare "full CoT" --compare "hybrid, 1" --only direct --only "full CoT" --only "hybrid, 1" --only memory \
+		--only trunc --only merged --json results/reasoning_eval_adapter.json
+	$(BIN)/python benchmarks/lora_overhead.py --base $(DEFAULT_ART) --adapter $(SVAMP_ADAPTER) --merged $(REASON) \
+		--json results/lora_overhead.json
 
 # the SVAMP-tuned large model with the shipped 70M memory model (memory_model/checkpoints/svamp-70m)
 serve-reasoning: reasoning-large

@@ -9,6 +9,7 @@ Run:
     python -m compress inspect artifacts/smollm2-int8            # manifest: params, size, precision
     python -m compress hardware                                  # detected device and precision plan
     python -m compress export-onnx artifacts/smollm2-135m-instruct-none --int8   # ONNX Runtime artifact
+    python -m compress export-adapter artifacts/x-lora-kept --out adapters/x   # a kept LoRA as a PEFT directory
     python -m compress build --source gemma3-270m --recipe "prune(layers=4-11),svd(energy=0.9),int8"
     python -m compress build --source smollm2-135m-instruct --recipe "depth(n=6,metric=ppl),int8"
 Recipe steps (comma-separated, applied in order): none, fp16, bf16, int8, int8-dynamic,
@@ -74,6 +75,14 @@ def cmd_export_onnx(a) -> None:
     m = export_onnx(Path(a.artifact), out, int8=a.int8, opset=a.opset, force=a.force)
     print(f"wrote {out} ({m['size_bytes'] / 1e6:.1f} MB, ONNX opset {a.opset}{', int8' if a.int8 else ''}); "
           f"serve it with: python -m server --artifact {out}")
+
+
+def cmd_export_adapter(a) -> None:
+    from .artifact import export_adapter
+
+    m = export_adapter(Path(a.artifact), Path(a.out), force=a.force)
+    print(f"wrote {a.out} ({m['size_bytes'] / 1e6:.1f} MB, {m['adapter']['params'] / 1e6:.2f}M adapter params); "
+          f"serve it with: python -m server --lora-modules {Path(a.out).name}={a.out}")
 
 
 def cmd_hardware(a) -> None:
@@ -250,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--opset", type=int, default=18)
     x.add_argument("--force", action="store_true")
     x.set_defaults(fn=cmd_export_onnx)
+
+    x = sub.add_parser("export-adapter", help="an artifact's kept LoRA adapter (lora(merge=false)) as a PEFT "
+                                              "directory for `server --lora-modules`")
+    x.add_argument("artifact")
+    x.add_argument("--out", required=True, help="adapter directory")
+    x.add_argument("--force", action="store_true", help="replace an existing directory")
+    x.set_defaults(fn=cmd_export_adapter)
 
     h = sub.add_parser("hardware", help="detect the device and show the precision plan (--recipe auto)")
     h.add_argument("--json", action="store_true")

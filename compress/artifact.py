@@ -155,3 +155,27 @@ def write_peft_adapter(root: Path, adapter: dict, dtype: str = "float32") -> Non
     (Path(root) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
+ADAPTER_KIND = "lora-adapter"  # manifest `kind` of an exported adapter directory
+
+
+def export_adapter(artifact: Path, out: Path, force: bool = False) -> dict:
+    """The LoRA adapter an artifact keeps (`lora(..., merge=false)`) as a PEFT directory of its own
+    (adapter_config.json + adapter_model.safetensors, loadable by peft and by `server
+    --lora-modules`), with a manifest: checksums, the source model and the recipe it was trained
+    in, and the recipe of the base it is served over (the artifact's steps without the lora one).
+    Written atomically, like an artifact."""
+    artifact = Path(artifact)
+    manifest = verify(artifact)
+    if not (artifact / ADAPTER_WEIGHTS).is_file():
+        raise ArtifactError(f"{artifact} keeps no adapter: build it with lora(..., merge=false)")
+    steps = manifest.get("steps", [])
+
+    def fill(tmp: Path) -> dict:
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            shutil.copyfile(artifact / name, tmp / name)
+        return {"kind": ADAPTER_KIND, "source": manifest.get("source"), "recipe": manifest.get("recipe"),
+                "base_steps": [s["name"] for s in steps if s.get("name") != "lora"],
+                "lora": [s for s in steps if s.get("name") == "lora"], "adapter": manifest.get("adapter"),
+                "exported_from": artifact.name}
+    return write_artifact(out, fill, force)
+

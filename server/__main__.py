@@ -195,11 +195,10 @@ def prepare(a: argparse.Namespace, cfg) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if rc := _check_adapters(cfg):
-        return rc
+    manifests = {}
     for name, path in paths.items():
         try:
-            manifest = verify(path) if cfg.verify_checksums else read_manifest(path)
+            manifest = manifests[name] = verify(path) if cfg.verify_checksums else read_manifest(path)
         except ArtifactError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -209,6 +208,8 @@ def prepare(a: argparse.Namespace, cfg) -> int:
                   + ("; export one with `python -m compress export-onnx`" if a.backend == "onnxruntime" else ""),
                   file=sys.stderr)
             return 2
+    if rc := _check_adapters(cfg, next(iter(manifests.values()))):
+        return rc
     if cfg.memory_model:
         from memory_model.checkpoint import read_config
 
@@ -220,18 +221,31 @@ def prepare(a: argparse.Namespace, cfg) -> int:
     return 0
 
 
-def _check_adapters(cfg) -> int:
-    """Every --lora-modules directory readable as a PEFT LoRA adapter: 0, or 2 after one line.
-    (Whether it fits the model's shapes is checked when the model loads.)"""
+def _check_adapters(cfg, primary: dict) -> int:
+    """Every --lora-modules directory readable as a PEFT LoRA adapter; one exported with a
+    manifest (`compress export-adapter`) also intact and trained from the primary artifact's
+    source weights: 0, or 2 after one line. (Shapes are checked when the model loads.)"""
+    from compress.artifact import MANIFEST, ArtifactError, read_manifest, verify
     from engine.adapters import AdapterError, read_peft_adapter
 
     try:
         for name, path in cfg.adapter_paths().items():
             read_peft_adapter(path)
-    except (ValueError, AdapterError) as e:
+            if (path / MANIFEST).is_file():
+                m = verify(path) if cfg.verify_checksums else read_manifest(path)
+                if _weights_id(m.get("source")) != _weights_id(primary.get("source")):
+                    raise AdapterError(f"adapter {name!r} was trained on {_weights_id(m.get('source'))}, but the "
+                                       f"primary artifact comes from {_weights_id(primary.get('source'))}")
+    except (ValueError, AdapterError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _weights_id(source: dict | None) -> str:
+    """What identifies source weights in a manifest: the GGUF file's sha256, else the directory."""
+    source = source or {}
+    return source.get("gguf_sha256") or source.get("model_dir") or source.get("name") or "unknown weights"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,28 @@ def test_kept_adapter_loads_in_transformers_and_the_engine_alike(llama_dir, tmp_
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_exported_adapter_over_the_base_artifact_serves_what_the_kept_artifact_does(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    kept = build_artifact(llama_dir, tmp_path / "k", "lora(steps=2,seq_len=32,lr=1e-2,merge=false,targets=all),int8")
+    base = build_artifact(llama_dir, tmp_path / "b", "int8")
+    out = tmp_path / "adapters" / "tuned"
+    cli = subprocess.run([sys.executable, "-m", "compress", "export-adapter", str(kept), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kind"] == "lora-adapter" and m["base_steps"] == ["int8"] and m["source"]["model_dir"]
+    assert set(m["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+    with torch.no_grad():
+        want = load_model(kept).model(IDS)
+        got = load_model(base, adapters={"tuned": out}).model(IDS, adapter="tuned")
+    torch.testing.assert_close(got, want)
+    again = subprocess.run([sys.executable, "-m", "compress", "export-adapter", str(base), "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "keeps no adapter" in again.stderr and not (tmp_path / "x").exists()
+
+
 def test_lora_with_distillation_runs_against_the_source_teacher(llama_dir, tmp_path):
     art = build_artifact(llama_dir, tmp_path / "kd", "depth(n=1,protect_first=0,protect_last=0,calib_samples=2,"
                                                        "calib_seq_len=32),lora(steps=2,seq_len=32,kd=0.5)")

@@ -115,3 +115,24 @@ def test_an_adapter_that_does_not_fit_fails_the_load_with_a_clear_error(gemma_ar
         assert "AdapterError" in msg and "do not fit" in msg
     finally:
         s.close()
+
+
+def test_an_exported_adapter_is_verified_and_must_come_from_the_primary_weights(llama_dir, gemma_artifact, tmp_path):
+    from compress.artifact import export_adapter
+    from tests.helpers import build_artifact
+
+    kept = build_artifact(llama_dir, tmp_path / "k", "lora(steps=1,seq_len=16,merge=false,targets=attn)")
+    out = tmp_path / "tuned"
+    export_adapter(kept, out)
+    base = build_artifact(llama_dir, tmp_path / "b", "none")
+
+    def serve(artifact) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server", "--artifact", str(artifact), "--lora-modules",
+                               f"tuned={out}", "--memory-model", "none", "--port", "1"], capture_output=True,
+                              text=True, timeout=120)
+    wrong = serve(gemma_artifact)
+    assert wrong.returncode == 2 and "adapter 'tuned' was trained on" in wrong.stderr
+    with open(out / "adapter_config.json", "a") as f:
+        f.write(" ")
+    tampered = serve(base)
+    assert tampered.returncode == 2 and "checksum mismatch in adapter_config.json" in tampered.stderr

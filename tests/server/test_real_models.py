@@ -117,3 +117,47 @@ def _smollm2_tokenizer():
     from compress.sources import ensure_hf_dir
 
     return AutoTokenizer.from_pretrained(str(ensure_hf_dir("smollm2-135m-instruct")))
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(real_artifacts):
+    """`make serve`'s reasoning setup: the default int8 SmolLM2 with the shipped SVAMP LoRA adapter
+    (adapters/smollm2-135m-svamp) for the hybrid loop and the shipped 70M memory model."""
+    from pathlib import Path
+
+    from server.config import ServerConfig
+    from tests.live_server import LiveServer
+
+    root = Path(__file__).resolve().parents[2]
+    srv = LiveServer(ServerConfig(artifacts=[f"smollm2={real_artifacts['smollm2-135m-instruct']}"],
+                                  lora_modules=[f"svamp={root / 'adapters' / 'smollm2-135m-svamp'}"],
+                                  hybrid_adapter="svamp", memory_model=str(root / "memory_model/checkpoints/svamp-70m"),
+                                  memory_model_quant="int8")).wait(timeout=300)
+    yield srv
+    srv.close()
+
+
+def test_shipped_adapter_reasons_in_the_hybrid_loop_while_chat_keeps_the_base_weights(reasoning_server):
+    """A held-out SVAMP dev problem (chal-719, right in results/reasoning_eval_adapter.json with
+    the adapter's hybrid loop and full CoT, wrong directly and from the memory model alone) at the
+    evaluation's settings, on the default model name; a chat question on the same name is
+    answered by the untuned weights."""
+    import httpx
+
+    from tasks.answers import is_correct
+    from tasks.data import load
+
+    prob = next(p for p in load("svamp-dev") if p.id == "chal-719")
+    r = httpx.post(reasoning_server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "smollm2", "temperature": 0, "max_tokens": 12,
+        "hybrid": {"loops": 1, "cot_groups": 1, "cot_group_tokens": 24, "condense_tokens": 100,
+                   "answer_prefix": "The answer is"},
+        "messages": [{"role": "user", "content": prob.question}]}).json()
+    assert r["model"] == "smollm2" and r["usage"]["hybrid"]["condensed_tokens"] > 0, r
+    assert is_correct(r["choices"][0]["message"]["content"], prob.answer), r["choices"][0]["message"]
+    chat = {m: httpx.post(reasoning_server.url + "/v1/chat/completions", timeout=300, json={
+        "model": m, "temperature": 0, "max_tokens": 30,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()["choices"][0]
+        for m in ("smollm2", "svamp")}
+    assert "Paris" in chat["smollm2"]["message"]["content"]
+    assert "Paris" not in chat["svamp"]["message"]["content"]  # the tuned weights answer with a number
