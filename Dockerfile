@@ -50,6 +50,8 @@ ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 HYBRID_LLM_KERN
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/kernels /opt/kernels
 COPY --from=build /opt/artifacts /opt/artifacts
+# the reasoning LoRA adapter `make serve` uses for hybrid requests (the memory models ship in the package)
+COPY adapters /opt/adapters
 RUN useradd --create-home --uid 10001 app
 # numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd
 USER 10001
@@ -59,4 +61,5 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
 # Inside a container the port must be reachable from outside it; set API keys with
 # -e HYBRID_API_KEYS=key1,key2 when the port is exposed beyond localhost.
-CMD ["python", "-m", "server", "--artifact", "/opt/artifacts/smollm2-135m-instruct-int8", "--host", "0.0.0.0", "--port", "8000"]
+# The same serving setup as `make serve` (chat on the base weights, hybrid requests through the adapter).
+CMD ["python", "-m", "server", "--artifact", "/opt/artifacts/smollm2-135m-instruct-int8", "--host", "0.0.0.0", "--port", "8000", "--lora-modules", "smollm2-135m-svamp=/opt/adapters/smollm2-135m-svamp", "--hybrid-adapter", "smollm2-135m-svamp", "--memory-model", "svamp-70m", "--memory-model-quant", "int8"]

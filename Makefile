@@ -32,7 +32,7 @@ setup: $(VENV)/.installed
 SVAMP_ADAPTER ?= adapters/smollm2-135m-svamp
 serve: setup
 	$(BIN)/python -m server --port $(PORT) --lora-modules smollm2-135m-svamp=$(SVAMP_ADAPTER) \
-		--hybrid-adapter smollm2-135m-svamp --memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8
+		--hybrid-adapter smollm2-135m-svamp --memory-model svamp-70m --memory-model-quant int8
 
 test: setup
 	$(BIN)/python -m pytest -q -rs

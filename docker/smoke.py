@@ -1,8 +1,9 @@
 """Smoke test of the built image (`make docker-smoke`, after `make docker`): runs the container
 as it should run in production - non-root, read-only root filesystem with a tmpfs for /tmp
 and the home directory, artifacts on a named volume, port on loopback only - waits for
-/health, sends one chat completion with the official openai client and one hybrid-loop
-request, checks both answers, stops and removes the container. Prints and records the image
+/health, checks that `make serve`'s reasoning LoRA adapter is listed over the default model,
+sends one chat completion with the official openai client and one hybrid-loop request, checks
+both answers, stops and removes the container. Prints and records the image
 size and the start-to-ready time.
 
     python docker/smoke.py --image hybrid-llm:latest --json results/docker_smoke.json
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         ready_s = wait_ready(url, a.timeout)
         startup_s = time.perf_counter() - t_start
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        model = client.models.list().data[0].id
+        models = client.models.list().data
+        model = models[0].id
+        adapters = [m.id for m in models if (m.model_extra or {}).get("parent") == model]
+        if not adapters:  # `make serve`'s setup: the reasoning LoRA adapter over the default model
+            raise SystemExit(f"error: no LoRA adapter is served over {model}: {[m.id for m in models]}")
         chat = client.chat.completions.create(model=model, temperature=0, max_tokens=20, messages=[
             {"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
         direct = chat.choices[0].message.content
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         sh("docker", "rm", "-f", NAME, check=False)
     result = {"image": a.image, "image_size_mb": round(size / 2**20, 1), "start_to_ready_s": round(startup_s, 2),
               "health_wait_s": round(ready_s, 2), "uid": user, "root_fs_writable": writable,
-              "direct_answer": direct, "hybrid_answer": hybrid.choices[0].message.content,
+              "adapters": adapters, "direct_answer": direct, "hybrid_answer": hybrid.choices[0].message.content,
               "hybrid_usage": h, "log_tail": logs.splitlines()[-5:]}
     print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}, indent=2))
     if user != "10001" or writable:

@@ -70,9 +70,16 @@ def ensure_gguf_artifact(gguf: str, recipe: str) -> str:
 
 
 def _memory_model_path(arg: str | None) -> str | None:
-    if arg is None:  # the shipped checkpoint, when this checkout has it
+    """A checkpoint directory; a shipped checkpoint's name (`svamp-70m`, the same wherever the
+    package is installed); None (the shipped default, when this install has it) or 'none'."""
+    if arg is None:
         return str(DEFAULT_MEMORY_MODEL) if (DEFAULT_MEMORY_MODEL / "config.json").is_file() else None
-    return None if arg.lower() == "none" else arg
+    if arg.lower() == "none":
+        return None
+    shipped = DEFAULT_MEMORY_MODEL.parent / arg
+    if not Path(arg).exists() and "/" not in arg and (shipped / "config.json").is_file():
+        return str(shipped)
+    return arg
 
 
 def build_parser(prog: str = "python -m server", description: str | None = None) -> argparse.ArgumentParser:
@@ -119,8 +126,8 @@ def build_parser(prog: str = "python -m server", description: str | None = None)
     p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     h = p.add_argument_group("hybrid loop")
     h.add_argument("--memory-model", default=None,
-                   help="memory-model checkpoint for the hybrid loop (default: the shipped one; "
-                        "'none' disables the loop)")
+                   help="memory-model checkpoint directory for the hybrid loop, or a shipped one's name "
+                        "(default, svamp-70m; default: 'default'); 'none' disables the loop")
     h.add_argument("--memory-model-quant", choices=["none", "int8"], default=d.memory_model_quant,
                    help="int8: the memory model's weights as int8 (W8A16) at load, condensing ~3x faster")
     h.add_argument("--hybrid-default", action="store_true", help="run the hybrid loop unless a request says no")

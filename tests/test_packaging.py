@@ -47,6 +47,19 @@ def test_dockerfile_agrees_with_makefile_and_server_defaults():
     assert f'"{build.group(3)}"' in cmd and '"--host", "0.0.0.0"' in cmd
     port = re.search(r'"--port", "(\d+)"', cmd).group(1)
     assert re.search(rf"^EXPOSE {port}$", DOCKERFILE, re.M) and f"127.0.0.1:{port}/health" in DOCKERFILE
+    # the image serves what `make serve` serves: the same adapter, hybrid adapter and memory model flags
+    serve = re.search(r"^serve: setup\n((?:\t.*\n)+)", MAKEFILE, re.M).group(1)
+    make_flags = re.findall(r"(--(?:lora-modules|hybrid-adapter|memory-model|memory-model-quant)) (\S+)", serve)
+    image_flags = re.findall(r'"(--(?:lora-modules|hybrid-adapter|memory-model|memory-model-quant))", "([^"]+)"', cmd)
+    assert len(make_flags) == 4 and [f for f, _ in make_flags] == [f for f, _ in image_flags]
+    for (flag, ours), (_, theirs) in zip(make_flags, image_flags):
+        if flag == "--lora-modules":  # NAME=DIR: same name, same adapter directory copied into the image
+            ours = ours.replace("$(SVAMP_ADAPTER)", re.search(r"^SVAMP_ADAPTER \?= (\S+)$", MAKEFILE, re.M).group(1))
+            assert ours.split("=")[0] == theirs.split("=")[0] and Path(ours.split("=")[1]).name == Path(theirs).name
+            assert re.search(rf"^COPY {Path(ours.split('=')[1]).parent} {Path(theirs.split('=')[1]).parent}$",
+                             DOCKERFILE, re.M)
+        else:
+            assert ours == theirs, flag
     user = re.findall(r"^USER (\S+)$", DOCKERFILE, re.M)
     assert user and user[-1].isdigit() and user[-1] != "0"
 

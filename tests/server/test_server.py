@@ -317,3 +317,12 @@ def test_chat_page_is_served_self_contained_and_can_be_turned_off(live, llama_ar
         assert httpx.get(off.url + "/").status_code == 404
     finally:
         off.close()
+
+
+def test_memory_model_flag_takes_a_shipped_checkpoints_name(tmp_path):
+    from server.__main__ import DEFAULT_MEMORY_MODEL, _memory_model_path
+
+    assert _memory_model_path("svamp-70m") == str(DEFAULT_MEMORY_MODEL.parent / "svamp-70m")
+    assert _memory_model_path(None) == str(DEFAULT_MEMORY_MODEL) and _memory_model_path("None") is None
+    assert _memory_model_path(str(tmp_path)) == str(tmp_path)  # a directory is taken as it is
+    assert _memory_model_path("no-such-model") == "no-such-model"  # left for the checkpoint check to refuse
