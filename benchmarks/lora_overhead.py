@@ -13,6 +13,8 @@ server's path): a prompt of --prompt-tokens, then --tokens new ones, ignoring EO
   - merged: the artifact whose weights are W + BA (what serving the tuning without adapters costs);
   - batch 4: four rows together, all base, or two base + two adapter rows (mixed).
 Per configuration: median prefill seconds and decode ms per step over --rounds rounds.
+--compile: decode steps on the compiled graphs (`server --compile`; each model warmed up first,
+the adapter's own graphs included), so a mixed step is the one that runs eager.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from engine.generate import SamplingParams  # noqa: E402
 from engine.runner import load_model  # noqa: E402
 
 ADAPTER = "adapter"
+SLOTS = 4
 
 
-def run(model, prompt: list[int], adapters: list[str | None], tokens: int) -> tuple[float, float]:
+def run(model, prompt: list[int], adapters: list[str | None], tokens: int, compile: bool = False
+        ) -> tuple[float, float]:
     """(prefill seconds, decode ms per step) of len(adapters) rows decoded together."""
-    engine = BatchEngine(model, BatchConfig(max_num_seqs=max(4, len(adapters)), prefill_chunk=4096))
+    engine = BatchEngine(model, BatchConfig(max_num_seqs=SLOTS, prefill_chunk=4096, compile=compile))
     params = SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True)
     for a in adapters:
         engine.add(Sequence(list(prompt), params, set(), adapter=a))
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="decode on compiled graphs (server --compile)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if a.threads:
@@ -69,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     base = load_model(a.base)
     with_adapter = load_model(a.base, adapters={ADAPTER: Path(a.adapter)})
     merged = load_model(a.merged)
+    if a.compile:
+        from engine.compiled import CompiledDecode
+
+        for lm in (base, with_adapter, merged):
+            print(f"compiled {lm.path.name} in {CompiledDecode(lm.model).warm_up(SLOTS):.0f} s", flush=True)
     prompt = [int(t) % 1000 + 100 for t in torch.randint(0, 10**6, (a.prompt_tokens,),
                                                          generator=torch.Generator().manual_seed(0))]
     configs = {
@@ -81,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         "batch 4, merged": (merged.model, [None] * 4),
     }
     for model, rows in configs.values():  # warm-up: allocator, caches, first-call paths
-        run(model, prompt, rows, 4)
+        run(model, prompt, rows, 4, a.compile)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
     for _ in range(a.rounds):  # interleaved: drift in the machine's speed hits every configuration
         for name, (model, rows) in configs.items():
-            times[name].append(run(model, prompt, rows, a.tokens))
+            times[name].append(run(model, prompt, rows, a.tokens, a.compile))
     out = {name: {"prefill_s": statistics.median(t[0] for t in ts), "decode_ms_per_step": statistics.median(t[1] for t in ts)}
            for name, ts in times.items()}
     for name, s in out.items():

@@ -27,6 +27,9 @@ tok/s (2 cores; llama-bench about 80 in the same runs). Batched graphs keep the 
 and take the same attention (`_one_query` at any B: 5-8% off a 4- or 8-row step).
 Prefill, models with CHAI layers and ONNX sessions keep the eager path. Compiling costs tens
 of seconds, paid by `warm_up` at start-up, not by the first request.
+Per-request LoRA adapters (engine/adapters.py) get graphs of their own, the adapter traced in as
+a constant: a step whose rows all use one adapter (or none) runs on a graph; the batch engine
+runs a step that mixes them eager.
 """
 
 from __future__ import annotations
@@ -116,19 +119,23 @@ class _Compiled:
         return out
 
 
-# per model: (slots, one row) -> its compiled step; a later engine on the model reuses what
-# `warm_up` compiled, and a model's graphs go with it
-_compiled: "weakref.WeakKeyDictionary[Transformer, dict[tuple[int, bool], _Compiled]]" = weakref.WeakKeyDictionary()
+# per model: (slots, one row, adapter) -> its compiled step; a later engine on the model reuses
+# what `warm_up` compiled, and a model's graphs go with it
+_compiled: "weakref.WeakKeyDictionary[Transformer, dict[tuple[int, bool, str | None], _Compiled]]" = (
+    weakref.WeakKeyDictionary())
 
 
-def _compiled_step(model: Transformer, slots: int, one_row: bool) -> _Compiled:
-    """A function of its own per (model, slots, one row): dynamo keeps graphs per code object,
-    so each gets a copy of `_step`'s code and holds exactly one graph."""
+def _compiled_step(model: Transformer, slots: int, one_row: bool, adapter: str | None = None) -> _Compiled:
+    """A function of its own per (model, slots, one row, adapter): dynamo keeps graphs per code
+    object, so each gets a copy of `_step`'s code and holds exactly one graph. A per-request LoRA
+    adapter is traced into its graph as a constant (every row of the step through it), which is
+    why it is part of the key: the graph's guards are skipped once it exists."""
     steps = _compiled.setdefault(model, {})
-    if (slots, one_row) not in steps:
+    key = (slots, one_row, adapter)
+    if key not in steps:
         fresh = types.FunctionType(_step.__code__.replace(), _step.__globals__, "_step")
-        steps[slots, one_row] = _Compiled(torch.compile(fresh, dynamic=None, fullgraph=True, options=_OPTIONS[one_row]))
-    return steps[slots, one_row]
+        steps[key] = _Compiled(torch.compile(fresh, dynamic=None, fullgraph=True, options=_OPTIONS[one_row]))
+    return steps[key]
 
 
 def _mark_dynamic(cache: SlotKVCache, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> None:
@@ -154,9 +161,10 @@ class CompiledDecode:
     def supports(model) -> bool:
         return isinstance(model, Transformer) and not any(blk.attn.chai for blk in model.layers)
 
-    def __call__(self, cache: SlotKVCache, tokens: dict[int, int]) -> torch.Tensor:
+    def __call__(self, cache: SlotKVCache, tokens: dict[int, int], adapter: str | None = None) -> torch.Tensor:
         """Next-token logits (len(tokens), V) for the rows in `tokens` (slot -> last token), in
-        slot order; every row in `tokens` advances by one position."""
+        slot order; every row in `tokens` advances by one position. `adapter`: every row's
+        per-request LoRA adapter (a step mixing adapters runs eager: `BatchEngine`)."""
         dev = self.model.device
         rows = sorted(tokens)
         b = rows[-1] + 1
@@ -170,20 +178,27 @@ class CompiledDecode:
         ids = torch.tensor([[tokens.get(s, 0)] for s in range(b)], device=dev)
         keys = torch.arange(end, device=dev)
         _mark_dynamic(cache, ids, pos, keys)
-        logits = _compiled_step(self.model, cache.slots, b == 1)(self.model, ids, pos, keys, cache.k, cache.v)
+        step = _compiled_step(self.model, cache.slots, b == 1, adapter)
+        if adapter is None:
+            logits = step(self.model, ids, pos, keys, cache.k, cache.v)
+        else:  # idle rows inside [0, B) go through it too: their tokens are thrown away
+            with self.model.adapter_bank.select([adapter] * b):
+                logits = step(self.model, ids, pos, keys, cache.k, cache.v)
         for r in rows:
             cache.lens[r] += 1
         return logits[rows]
 
     def warm_up(self, slots: int) -> float:
         """Compile now, on a throw-away cache of `slots` rows: one row, then (with two or more
-        slots) two, each at two lengths (the second must not recompile). Returns the seconds."""
+        slots) two, each at two lengths (the second must not recompile); the same again through
+        each per-request LoRA adapter of the model. Returns the seconds."""
         t0 = time.perf_counter()
         with torch.inference_mode():  # the engine's caches are inference tensors: a guard tells them apart
-            cache = self.model.new_slot_cache(slots)
-            # lengths no other size has (dynamo would tie equal sizes together) and not 1 (it would specialize)
-            cache.lens[:2] = [37, 37][:slots]
-            for rows in ([0], [0, 1])[:min(slots, 2)]:
-                for _ in range(2):
-                    self(cache, dict.fromkeys(rows, 0))
+            for adapter in [None, *self.model.adapter_bank.names]:
+                cache = self.model.new_slot_cache(slots)
+                # lengths no other size has (dynamo would tie equal sizes together) and not 1 (it would specialize)
+                cache.lens[:2] = [37, 37][:slots]
+                for rows in ([0], [0, 1])[:min(slots, 2)]:
+                    for _ in range(2):
+                        self(cache, dict.fromkeys(rows, 0), adapter)
         return time.perf_counter() - t0

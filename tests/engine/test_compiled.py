@@ -200,9 +200,12 @@ def test_compiled_int8_logits_agree_with_eager(int8_model):
         assert rel < 5e-3, rel  # intermediates kept in fp32 (inductor's default) gave 1-6%
 
 
-def test_adapter_rows_run_eager_beside_the_compiled_base_rows(llama_dir):
-    """A step with a per-request adapter row runs eager (the graph is the base model's); the
-    steps before and after it use the graph, on the same cache rows."""
+def test_adapter_steps_have_their_own_graph_and_mixed_steps_run_eager(llama_dir):
+    """`warm_up` compiles the decode step through each per-request adapter too: a step whose rows
+    all use one adapter runs on that adapter's graph, a step mixing base and adapter rows runs
+    eager, on the same cache rows; tokens as each request alone, and no compile after warm-up."""
+    from torch._dynamo.utils import counters
+
     config, state = load_hf_dir(llama_dir)
     g = torch.Generator().manual_seed(5)
     adapter = {}
@@ -212,10 +215,14 @@ def test_adapter_rows_run_eager_beside_the_compiled_base_rows(llama_dir):
             adapter[f"model.layers.{i}.{proj}.lora_B.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
     m = build_model(ModelArgs.from_hf_config(config), state, max_len=128, adapters={"r": adapter})
     CompiledDecode(m).warm_up(SLOTS)
+    before = counters["stats"]["unique_graphs"]
     v = m.args.vocab_size
-    base, tuned = (_prompt(7, v), greedy(16)), (_prompt(11, v), greedy(5))
-    a, b = Sequence(*base, set()), Sequence(*tuned, set(), adapter="r")
-    got = run(compiled_engine(m), {0: [a], 4: [b]})  # compiled, then eager with b, then compiled again
+    base, tuned, tuned2 = (_prompt(7, v), greedy(6)), (_prompt(11, v), greedy(16)), (_prompt(5, v), greedy(9))
+    a, b, c = Sequence(*base, set()), Sequence(*tuned, set(), adapter="r"), Sequence(*tuned2, set(), adapter="r")
+    # base graph, then mixed (eager), then the adapter's graph for one row and for two
+    got = run(compiled_engine(m), {0: [a], 3: [b], 9: [c]})
+    assert counters["stats"]["unique_graphs"] == before
     assert got[a] == alone(m, *base)
-    want = [o.tokens[0] for o in generate(m, *tuned, set(), adapter="r")]
-    assert got[b] == [want] and want != alone(m, *tuned)[0]
+    for seq, spec in ((b, tuned), (c, tuned2)):
+        want = [o.tokens[0] for o in generate(m, *spec, set(), adapter="r")]
+        assert got[seq] == [want] and want != alone(m, *spec)[0]
