@@ -238,6 +238,8 @@ reasoning-eval-adapter: reasoning-adapter reasoning-large
 		--only trunc --only merged --json results/reasoning_eval_adapter.json
 	$(BIN)/python benchmarks/lora_overhead.py --base $(DEFAULT_ART) --adapter $(SVAMP_ADAPTER) --merged $(REASON) \
 		--json results/lora_overhead.json
+	$(BIN)/python benchmarks/lora_overhead.py --compile --base $(DEFAULT_ART) --adapter $(SVAMP_ADAPTER) \
+		--merged $(REASON) --json results/lora_overhead_compiled.json
 
 # the SVAMP-tuned large model with the shipped 70M memory model (memory_model/checkpoints/svamp-70m)
 serve-reasoning: reasoning-large
