@@ -220,7 +220,7 @@ def cmd_reinforce(a) -> None:
     rc = ReinforceConfig(steps=a.steps, prompts_per_step=a.prompts, samples_per_prompt=a.samples,
                          max_new=a.max_new, temperature=a.temperature, lr=a.lr, baseline=a.baseline,
                          kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, length_penalty=a.length_penalty,
-                         correct_bonus=a.correct_bonus, eval_every=a.eval_every, eval_size=a.eval_size,
+                         correct_bonus=a.correct_bonus, fidelity_coef=a.fidelity_coef, eval_every=a.eval_every, eval_size=a.eval_size,
                          save_every=a.save_every, seed=a.seed)
     # a resumed run keeps its own record; a new one records where it started
     meta = mm.meta if a.resume else {"preset": mm.meta.get("preset"), "stage": "reinforce", "init": str(a.init),
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--entropy-coef", type=float, default=0.01)
     r.add_argument("--length-penalty", type=float, default=0.1, help="reward per 100 large-model tokens")
     r.add_argument("--correct-bonus", type=float, default=1.0)
+    r.add_argument("--fidelity-coef", type=float, default=0.0,
+                   help="reward lost per unit of the question's words not kept in order (0..1)")
     r.add_argument("--eval-every", type=int, default=20)
     r.add_argument("--eval-size", type=int, default=32)
     r.add_argument("--save-every", type=int, default=20)

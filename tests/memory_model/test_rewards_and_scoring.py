@@ -199,3 +199,25 @@ def test_reward_correct_flag_is_the_whole_greedy_answer_not_a_prefix(tmp_path, w
     if ok:
         assert math.isclose(r["answer_logp"], 0.0, abs_tol=1e-3)  # the answer tokens themselves are certain
     json.dumps(r)  # rewards are logged as JSON: plain Python values
+
+
+def test_fidelity_counts_the_question_words_kept_in_order():
+    from memory_model.reinforce import fidelity
+
+    q = "Sam had 12 apples. He ate 3 of them. How many are left?"
+    assert fidelity(q, q + " Known: 12 - 3 = 9.") == 1.0  # equations added around it cost nothing
+    assert fidelity(q, "Sam had 12 apples. How many are left? Known: 12 - 3 = 9.") == pytest.approx(8 / 13)
+    assert fidelity(q, "Sam had 12 push-apples. He ate 3 of them. How many are left?") == 1.0  # kept in order
+    assert fidelity(q, "Sam had 21 apples. He ate 3 of them. How many are left?") == pytest.approx(12 / 13)
+    assert fidelity(q, "they they they they") == 0.0 and fidelity("", "x") == 1.0
+
+
+def test_fidelity_term_prices_a_dropped_clause(tmp_path):
+    lm = copying_model(tmp_path)
+    q = "Sam has 12 apples and buys 3 more. How many?"
+    texts = [q, "Sam has 12 apples. How many?"]
+    plain = rewards(lm, texts, [12, 12], ReinforceConfig(), [q, q])
+    priced = rewards(lm, texts, [12, 12], ReinforceConfig(fidelity_coef=2.0), [q, q])
+    assert plain[0]["fidelity"] == 1.0 and plain[1]["fidelity"] == pytest.approx(6 / 10)
+    assert priced[0]["reward"] == pytest.approx(plain[0]["reward"])
+    assert priced[1]["reward"] == pytest.approx(plain[1]["reward"] - 2.0 * (1 - 6 / 10))
