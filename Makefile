@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops reasoning-adapter reasoning-eval-adapter docker docker-smoke
+.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops reasoning-adapter reasoning-eval-adapter memory-model-70m-loops-rl-fidelity docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -212,6 +212,18 @@ reasoning-eval-loops-rl: memory-model-70m-loops-rl
 	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) \
 		--memory-model-quant int8 --data svamp-dev --loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 \
 		--answer-tokens 12 --threads 2 --only "hybrid, 4" --json results/reasoning_eval_loops_rl_before.json
+
+# The same REINFORCE run with the question-fidelity term (--fidelity-coef 5.0: a dropped third of the
+# question costs half a correct answer), then its SVAMP dev evaluation (about 35 minutes on 2 cores)
+MM70_LOOPS_RL_FID ?= $(MM)/mm-70m-svamp-loops-rl-fid
+memory-model-70m-loops-rl-fidelity: memory-model-70m-loops
+	$(BIN)/python -m memory_model reinforce --init $(MM70_LOOPS) --large $(LOOPS_LARGE) \
+		--data data/mm-svamp/train.jsonl,data/mm-svamp/loops.jsonl --out $(MM70_LOOPS_RL_FID) --steps 20 --prompts 8 \
+		--samples 4 --temperature 1.5 --lr 5e-5 --length-penalty 1.0 --correct-bonus 3.0 --fidelity-coef 5.0 \
+		--kl-coef 0.05 --entropy-coef 0.0 --max-new 100 --eval-every 20 --eval-size 32 --save-every 10 --threads 2 --force
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS_RL_FID) \
+		--memory-model-quant int8 --data svamp-dev --loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 \
+		--answer-tokens 12 --threads 2 --only "hybrid, 4" --only memory --json results/reasoning_eval_loops_rl_fidelity.json
 
 serve-reasoning-loops: memory-model-70m-loops
 	$(BIN)/python -m server --artifact $(LOOPS_LARGE) --memory-model $(MM70_LOOPS) --memory-model-quant int8 --port $(PORT)
