@@ -31,7 +31,12 @@ from . import naming
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-LORA_A, LORA_B = naming.ADAPTER_A, naming.ADAPTER_B  # the model's names of an adapter's factors
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B(A x), computed in the factors' dtype: what a LoRA adapter adds to a projection's output
+    (the caller casts it to that output's dtype)."""
+    return (x.to(a.dtype) @ a.t()) @ b.t()
 
 
 class AdapterError(ValueError):
@@ -75,9 +80,9 @@ def read_peft_adapter(root: str | Path) -> dict[str, torch.Tensor]:
     _check_config(cfg, config)
     raw = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
     out = {}
-    for a_name in [k for k in raw if k.endswith(LORA_A)]:
-        module = a_name[: -len(LORA_A)]
-        b_name = module + LORA_B
+    for a_name in [k for k in raw if k.endswith(naming.ADAPTER_A)]:
+        module = naming.adapter_module(a_name)
+        b_name = naming.adapter_names(module)[1]
         if b_name not in raw:
             raise AdapterError(f"{weights}: {module} has lora_A but no lora_B")
         a, b = raw[a_name].float(), raw[b_name].float()
@@ -85,7 +90,7 @@ def read_peft_adapter(root: str | Path) -> dict[str, torch.Tensor]:
         alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         out[a_name], out[b_name] = a.contiguous(), (b * scale).contiguous()
-    stray = [k for k in raw if not k.endswith((LORA_A, LORA_B))]
+    stray = [k for k in raw if not k.endswith((naming.ADAPTER_A, naming.ADAPTER_B))]
     if stray or not out:
         raise AdapterError(f"{weights}: " + (f"tensors that are not LoRA factors ({stray[:3]})" if stray
                                               else "no LoRA factors"))
@@ -147,8 +152,7 @@ class SwitchedAdapters(nn.Module):
                 continue
             a, b = getattr(self, f"a{k}"), getattr(self, f"b{k}")
             if rows is None:
-                y = y + ((x.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype)
+                y = y + lora_delta(x, a, b).to(y.dtype)
             else:
-                delta = (x[rows].to(a.dtype) @ a.t()) @ b.t()
-                y = y.index_add(0, rows, delta.to(y.dtype))
+                y = y.index_add(0, rows, lora_delta(x[rows], a, b).to(y.dtype))
         return y

@@ -222,7 +222,8 @@ class BatchEngine:
         else:
             self.cache.reserve(max(self.cache.lens[s] for s in slots) + 1)
             ids = torch.tensor([[seq.last[i]] for _, seq, i in rows], device=self.model.device)
-            logits = self._forward(ids, self.cache.view(slots), adapters, last_only=True)[:, -1]  # (B, V)
+            logits = self.model.forward_rows(ids, self.cache.view(slots), last_only=True,
+                                             adapters=adapters)[:, -1]  # (B, V)
         out = {}
         for seq in seqs:
             at = [j for j, (_, s, _) in enumerate(rows) if s is seq]
@@ -245,8 +246,8 @@ class BatchEngine:
         ids = torch.tensor([[seq.last[0]] + d + [0] * (t - 1 - len(d)) for (_, seq), d in zip(rows, drafts)],
                            device=self.model.device)
         view = self.cache.view(slots)
-        greedy = self._forward(ids, view, [seq.adapter for _, seq in rows]
-                               ).argmax(-1).tolist()  # (B, T): the choice after each fed token
+        greedy = self.model.forward_rows(ids, view, adapters=[seq.adapter for _, seq in rows]
+                                         ).argmax(-1).tolist()  # (B, T): the choice after each fed token
         out = {}
         for (slot, seq), draft, g, start in zip(rows, drafts, greedy, view.starts):
             m = accepted(draft, g)
@@ -275,7 +276,8 @@ class BatchEngine:
             t, row = min(left, budget), seq.slots[0]
             self.cache.reserve(seq.prefilled + t)
             ids = torch.tensor([seq.prompt_ids[seq.prefilled:seq.prefilled + t]], device=self.model.device)
-            logits = self._forward(ids, self.cache.view([row]), [seq.adapter], last_only=True)[:, -1]  # (1, V)
+            logits = self.model.forward_rows(ids, self.cache.view([row]), last_only=True,
+                                             adapters=[seq.adapter])[:, -1]  # (1, V)
             seq.prefilled += t
             budget -= t
             if seq.prefilled == len(seq.prompt_ids):
@@ -285,11 +287,6 @@ class BatchEngine:
                 n = seq.params.n
                 out[seq] = self._sample(seq, logits.expand(n, -1), list(range(n)))
         return out
-
-    def _forward(self, ids: torch.Tensor, view, adapters: list[str | None], last_only: bool = False) -> torch.Tensor:
-        # adapters named only when a row has one: other batched models (the memory model) take none
-        extra = {"adapters": adapters} if any(a is not None for a in adapters) else {}
-        return self.model.forward_rows(ids, view, last_only=last_only, **extra)
 
     @staticmethod
     def _sample(seq: Sequence, logits: torch.Tensor, rows: list[int]) -> StepOutput:

@@ -86,7 +86,8 @@ def decode_one_token(model: Transformer, tok: torch.Tensor, cache: KVCache, adap
 
 
 def _adapter_kw(adapter: str | None) -> dict:
-    # only named when used: the memory model's forward (same helpers) has no adapters
+    # only named when used: ONNX Runtime sessions (engine.ort_backend), which `generate` also
+    # serves, take no adapter argument
     return {} if adapter is None else {"adapter": adapter}
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import naming
-from .adapters import AdapterBank, AdapterError, SwitchedAdapters
+from .adapters import AdapterBank, AdapterError, SwitchedAdapters, lora_delta
 from .config import ModelArgs
 from .gptq_format import gptq_linear, module_tensors
 from .model import Transformer, rope_tables
@@ -98,8 +98,7 @@ class WithAdapter(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        delta = (x.to(self.a.dtype) @ self.a.t()) @ self.b.t()
-        return y + delta.to(y.dtype)
+        return y + lora_delta(x, self.a, self.b).to(y.dtype)
 
 
 def _factors(state: dict, names: list[str], adapter: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -308,8 +307,7 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dt
 def _check_covers(name: str, adapter: dict, n_layers: int) -> None:
     """Every factor of a per-request adapter must sit on a projection the engine builds."""
     projs = {p for parts in FUSED_PROJECTIONS.values() for p in parts}
-    for key in adapter:
-        module = key[: -len(naming.ADAPTER_A)] if key.endswith(naming.ADAPTER_A) else key[: -len(naming.ADAPTER_B)]
+    for module in {naming.adapter_module(k) for k in adapter if k.endswith(naming.ADAPTER_A)}:
         parts = module.split(".")
         ok = (len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
               and int(parts[2]) < n_layers and ".".join(parts[3:]) in projs)

@@ -350,11 +350,8 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + t > self.max_len:
             raise ValueError(f"sequence length {start + t} exceeds max_len {self.max_len}")
-        inputs = self.layer_inputs(start, t, ids.device)
-        if adapter is None:
-            return self._run(ids, inputs, cache, last_only)
-        with self.adapter_bank.select([adapter] * b, ids.device):
-            return self._run(ids, inputs, cache, last_only)
+        return self._run(ids, self.layer_inputs(start, t, ids.device), cache, last_only,
+                         None if adapter is None else [adapter] * b)
 
     def forward_rows(self, ids: torch.Tensor, rows: RowsView, last_only: bool = False,
                      adapters: list[str | None] | None = None) -> torch.Tensor:
@@ -365,13 +362,17 @@ class Transformer(nn.Module):
         t = ids.shape[1]
         if max(rows.starts) + t > self.max_len:
             raise ValueError(f"sequence length {max(rows.starts) + t} exceeds max_len {self.max_len}")
-        inputs = self.row_inputs(rows.starts, t, ids.device)
-        if adapters is None or all(a is None for a in adapters):
-            return self._run(ids, inputs, rows, last_only)
-        with self.adapter_bank.select(adapters, ids.device):
-            return self._run(ids, inputs, rows, last_only)
+        return self._run(ids, self.row_inputs(rows.starts, t, ids.device), rows, last_only, adapters)
 
-    def _run(self, ids, inputs, cache, last_only: bool) -> torch.Tensor:
+    def _run(self, ids, inputs, cache, last_only: bool, adapters: list[str | None] | None = None) -> torch.Tensor:
+        """The blocks over `inputs`; adapters[b]: row b's per-request LoRA adapter (None, or all
+        None: the base weights, the only case the compiled decode step traces)."""
+        if adapters is not None and any(a is not None for a in adapters):
+            with self.adapter_bank.select(adapters, ids.device):
+                return self._blocks(ids, inputs, cache, last_only)
+        return self._blocks(ids, inputs, cache, last_only)
+
+    def _blocks(self, ids, inputs, cache, last_only: bool) -> torch.Tensor:
         x = self.embed(ids).to(self.compute_dtype)
         for block, (cos, sin, mask) in zip(self.layers, inputs):
             x = block(x, cos, sin, mask, cache)

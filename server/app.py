@@ -85,7 +85,8 @@ class AppState:
 
     def _compile(self, models: dict) -> None:
         """Compile each model's decode step before requests are admitted (the first user does
-        not wait for it). An adapter's name shares its base model's graph (its rows run eager)."""
+        not wait for it). An adapter's name shares its base model, whose warm-up compiles the
+        adapter's graphs too."""
         from engine.compiled import CompiledDecode
 
         for name, lm in models.items():

@@ -60,12 +60,12 @@ class ServerConfig:
 
     def adapter_paths(self) -> dict[str, Path]:
         """LoRA adapters by served name; a name an artifact already uses is refused."""
-        out = {}
+        out, taken = {}, self.model_paths()
         for spec in self.lora_modules:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"--lora-modules takes NAME=DIR, not {spec!r}")
-            if name in out or name in self.model_paths():
+            if name in out or name in taken:
                 raise ValueError(f"lora module name {name!r} is already used")
             out[name] = Path(path)
         if self.hybrid_adapter is not None and self.hybrid_adapter not in out:

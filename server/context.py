@@ -73,7 +73,7 @@ class ServingContext:
         return lm.with_adapter(lm.name, name)
 
     def model_list(self) -> P.ModelList:
-        prof = self.profiles.refresh()
+        prof, adapters = self.profiles.refresh(), self.cfg.adapter_paths()
         return P.ModelList(data=[
             P.ModelCard(id=name, created=int(lm.path.stat().st_mtime), max_model_len=lm.max_model_len,
                         parent=self._base_name(lm),
@@ -85,7 +85,7 @@ class ServingContext:
                               "n_params": lm.manifest.get("n_params"), "profile": prof.name,
                               "profile_mode": self.profiles.mode,
                               "served_by": (prof.model or name) if name == self.default_model else name,
-                              **({"adapter": str(self.cfg.adapter_paths()[name])} if lm.adapter else {})})
+                              **({"adapter": str(adapters[name])} if lm.adapter else {})})
             for name, lm in self.models.items()])
 
     def _base_name(self, lm: LoadedModel) -> str | None:

@@ -30,9 +30,9 @@ class Steered:
         self.inner, self.calls = model, 0
         self.device, self.max_len, self.new_slot_cache = model.device, model.max_len, model.new_slot_cache
 
-    def forward_rows(self, ids, rows, last_only=False):
+    def forward_rows(self, ids, rows, last_only=False, adapters=None):
         self.calls += 1
-        logits = self.inner.forward_rows(ids, rows, last_only)
+        logits = self.inner.forward_rows(ids, rows, last_only, adapters)
         prev = ids[:, -logits.shape[1]:]
         nxt = torch.where((prev >= 20) & (prev < 59), prev + 1, 20)  # counts 20..59, round and round
         bias = torch.nn.functional.one_hot(nxt, logits.shape[-1]) * 1e4

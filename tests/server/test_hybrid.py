@@ -367,8 +367,8 @@ class _Recorder:
         self.model, self.rows, self._fwd = model, [], model.forward_rows
 
     def __enter__(self):
-        self.model.forward_rows = lambda ids, rows, last_only=False: (self.rows.append(ids.shape[0]),
-                                                                       self._fwd(ids, rows, last_only))[1]
+        self.model.forward_rows = lambda ids, rows, last_only=False, adapters=None: (
+            self.rows.append(ids.shape[0]), self._fwd(ids, rows, last_only, adapters))[1]
         return self
 
     def __exit__(self, *exc):
@@ -443,11 +443,11 @@ def test_a_failed_batch_forward_fails_the_hybrid_job_in_it_and_the_worker_serves
     hp = HybridParams(loops=1, cot_groups=1, cot_group_tokens=4, condense_tokens=4)
     fwd, calls = mm.model.forward_rows, []
 
-    def broken_once(ids, rows, last_only=False):
+    def broken_once(ids, rows, last_only=False, adapters=None):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("forward failed")
-        return fwd(ids, rows, last_only)
+        return fwd(ids, rows, last_only, adapters)
 
     mm.model.forward_rows = broken_once
     loop = asyncio.new_event_loop()
