@@ -14,7 +14,8 @@ server's path): a prompt of --prompt-tokens, then --tokens new ones, ignoring EO
   - batch 4: four rows together, all base, or two base + two adapter rows (mixed).
 Per configuration: median prefill seconds and decode ms per step over --rounds rounds.
 --compile: decode steps on the compiled graphs (`server --compile`; each model warmed up first,
-the adapter's own graphs included), so a mixed step is the one that runs eager.
+the adapter's own graphs included: one row through the adapter, several rows on the masked graph
+that any mix of base and adapter rows runs on).
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ Why rows, not one adapter per batch: requests with and without an adapter share 
 batch (and its single weight pass), as in vLLM/Punica; a projection adds each adapter's low-rank
 product to the rows that asked for it. With few adapters (the case here) a loop over the
 adapters in use is as fast as a gathered batched kernel and needs none.
+
+Why a row mask, not a gather: each adapter in a step computes its product for every row and a
+(B, 1, 1) 0/1 mask keeps the rows that asked for it. The low-rank product is a few percent of
+the projection's work, so the rows computed for nothing cost less than the gather and scatter
+they replace (2 base + 2 adapter rows, SmolLM2 int8 eager: see benchmarks/lora_overhead.py),
+and the step keeps one shape whatever the rows ask for, so one compiled graph serves every mix
+(engine/compiled.py).
 """
 
 from __future__ import annotations
@@ -36,7 +43,13 @@ PEFT_PREFIX = "base_model.model."
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """B(A x), computed in the factors' dtype: what a LoRA adapter adds to a projection's output
     (the caller casts it to that output's dtype)."""
-    return (x.to(a.dtype) @ a.t()) @ b.t()
+    x = x.to(a.dtype)
+    # One row in a compiled graph: products and sums, which inductor fuses into loops with what
+    # surrounds them (as engine/quant.py `_rows_times_int8`), where two matmul kernel calls per
+    # projection cost SmolLM2's batch-1 step 15.1 vs 9.8 ms merged (now 11.8 vs 9.1)
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+        return ((x[..., None, :] * a).sum(-1)[..., None, :] * b).sum(-1)
+    return (x @ a.t()) @ b.t()
 
 
 class AdapterError(ValueError):
@@ -90,6 +103,9 @@ def read_peft_adapter(root: str | Path) -> dict[str, torch.Tensor]:
         alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r))
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         out[a_name], out[b_name] = a.contiguous(), (b * scale).contiguous()
+    lone_b = [k for k in raw if k.endswith(naming.ADAPTER_B) and k not in out]
+    if lone_b:
+        raise AdapterError(f"{weights}: {lone_b[0].removesuffix(naming.ADAPTER_B)} has lora_B but no lora_A")
     stray = [k for k in raw if not k.endswith((naming.ADAPTER_A, naming.ADAPTER_B))]
     if stray or not out:
         raise AdapterError(f"{weights}: " + (f"tensors that are not LoRA factors ({stray[:3]})" if stray
@@ -103,22 +119,31 @@ class AdapterBank:
 
     def __init__(self, names: list[str] | None = None):
         self.names = list(names or [])
-        self.groups: list[tuple[int, torch.Tensor | None]] | None = None  # (adapter, rows; None = all)
+        # (adapter, rows' 0/1 mask (B, 1, 1); None = every row) of the forward now running
+        self.groups: list[tuple[int, torch.Tensor | None]] | None = None
 
     def __contains__(self, name) -> bool:
         return name in self.names
 
-    @contextmanager
-    def select(self, rows: list[str | None], device=None) -> Iterator[None]:
-        """For the forward inside: row b of the batch uses adapter rows[b] (None: the base model)."""
+    def masks(self, rows: list[str | None], every: bool = False, device=None) -> list[tuple[int, torch.Tensor | None]]:
+        """The groups for rows[b] = row b's adapter (None: the base model): the adapters in use,
+        a mask each unless every row uses it; with `every`, all loaded adapters, each with a
+        mask (the compiled multi-row graph's fixed structure)."""
         unknown = {r for r in rows if r is not None and r not in self.names}
         if unknown:
             raise KeyError(f"unknown adapter(s) {sorted(unknown)}; loaded: {self.names}")
         groups = []
         for k, name in enumerate(self.names):
-            idx = [b for b, r in enumerate(rows) if r == name]
-            if idx:
-                groups.append((k, None if len(idx) == len(rows) else torch.tensor(idx, device=device)))
+            use = [r == name for r in rows]
+            if every or (any(use) and not all(use)):
+                groups.append((k, torch.tensor(use, dtype=torch.float32, device=device)[:, None, None]))
+            elif all(use):
+                groups.append((k, None))
+        return groups
+
+    @contextmanager
+    def select(self, groups: list[tuple[int, torch.Tensor | None]]) -> Iterator[None]:
+        """For the forward inside: the adapters of `groups` (from `masks`) on their rows."""
         self.groups = groups or None
         try:
             yield
@@ -127,8 +152,9 @@ class AdapterBank:
 
 
 class SwitchedAdapters(nn.Module):
-    """y = base(x) + B_k(A_k x) for the rows whose adapter is k. For a fused projection A_k stacks
-    the parts' A rows and B_k is block-diagonal (zero blocks for parts the adapter leaves alone)."""
+    """y = base(x) + B_k(A_k x) for the rows whose adapter is k (all rows, or those its mask
+    keeps). For a fused projection A_k stacks the parts' A rows and B_k is block-diagonal (zero
+    blocks for parts the adapter leaves alone)."""
 
     def __init__(self, base: nn.Module, bank: AdapterBank, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
@@ -147,12 +173,9 @@ class SwitchedAdapters(nn.Module):
         y = self.base(x)
         if self.bank.groups is None:  # no row uses an adapter (and the compiled decode step)
             return y
-        for k, rows in self.bank.groups:
+        for k, mask in self.bank.groups:
             if k not in self.present:
                 continue
-            a, b = getattr(self, f"a{k}"), getattr(self, f"b{k}")
-            if rows is None:
-                y = y + lora_delta(x, a, b).to(y.dtype)
-            else:
-                y = y.index_add(0, rows, lora_delta(x[rows], a, b).to(y.dtype))
+            delta = lora_delta(x, getattr(self, f"a{k}"), getattr(self, f"b{k}"))
+            y = y + (delta if mask is None else delta * mask).to(y.dtype)
         return y

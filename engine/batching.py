@@ -214,11 +214,9 @@ class BatchEngine:
         rows = sorted((seq.slots[i], seq, i) for seq in seqs for i in seq.live())  # by slot: a view when contiguous
         slots = [r[0] for r in rows]
         adapters = [seq.adapter for _, seq, _ in rows]
-        # a compiled graph runs every row of a step as the base model or through one adapter:
-        # a step that mixes them runs eager
-        if self.decoder is not None and len(set(adapters)) == 1:
+        if self.decoder is not None:
             logits = self.decoder(self.cache, {slot: seq.last[i] for slot, seq, i in rows},
-                                  adapters[0])  # (B, V), slot order
+                                  {slot: seq.adapter for slot, seq, _ in rows})  # (B, V), slot order
         else:
             self.cache.reserve(max(self.cache.lens[s] for s in slots) + 1)
             ids = torch.tensor([[seq.last[i]] for _, seq, i in rows], device=self.model.device)

@@ -27,9 +27,10 @@ tok/s (2 cores; llama-bench about 80 in the same runs). Batched graphs keep the 
 and take the same attention (`_one_query` at any B: 5-8% off a 4- or 8-row step).
 Prefill, models with CHAI layers and ONNX sessions keep the eager path. Compiling costs tens
 of seconds, paid by `warm_up` at start-up, not by the first request.
-Per-request LoRA adapters (engine/adapters.py) get graphs of their own, the adapter traced in as
-a constant: a step whose rows all use one adapter (or none) runs on a graph; the batch engine
-runs a step that mixes them eager.
+Per-request LoRA adapters (engine/adapters.py): the batch-1 graph has a copy per adapter, the
+adapter traced in as a constant; the multi-row graph has two, the base model's and one that
+computes every loaded adapter's product with a per-row 0/1 mask per adapter (graph inputs), so
+a step mixing base rows and rows of any adapters runs compiled too.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ class _Compiled:
         return out
 
 
-# per model: (slots, one row, adapter) -> its compiled step; a later engine on the model reuses
+MASKED = "*masked*"  # the multi-row graph through every adapter, each masked to its rows
+
+# per model: (slots, one row, adapter or MASKED) -> its compiled step; a later engine on the model reuses
 # what `warm_up` compiled, and a model's graphs go with it
 _compiled: "weakref.WeakKeyDictionary[Transformer, dict[tuple[int, bool, str | None], _Compiled]]" = (
     weakref.WeakKeyDictionary())
@@ -161,10 +164,11 @@ class CompiledDecode:
     def supports(model) -> bool:
         return isinstance(model, Transformer) and not any(blk.attn.chai for blk in model.layers)
 
-    def __call__(self, cache: SlotKVCache, tokens: dict[int, int], adapter: str | None = None) -> torch.Tensor:
+    def __call__(self, cache: SlotKVCache, tokens: dict[int, int],
+                 adapters: dict[int, str | None] | None = None) -> torch.Tensor:
         """Next-token logits (len(tokens), V) for the rows in `tokens` (slot -> last token), in
-        slot order; every row in `tokens` advances by one position. `adapter`: every row's
-        per-request LoRA adapter (a step mixing adapters runs eager: `BatchEngine`)."""
+        slot order; every row in `tokens` advances by one position. `adapters`: slot -> that
+        row's per-request LoRA adapter (missing or None: the base weights)."""
         dev = self.model.device
         rows = sorted(tokens)
         b = rows[-1] + 1
@@ -178,27 +182,41 @@ class CompiledDecode:
         ids = torch.tensor([[tokens.get(s, 0)] for s in range(b)], device=dev)
         keys = torch.arange(end, device=dev)
         _mark_dynamic(cache, ids, pos, keys)
-        step = _compiled_step(self.model, cache.slots, b == 1, adapter)
-        if adapter is None:
-            logits = step(self.model, ids, pos, keys, cache.k, cache.v)
-        else:  # idle rows inside [0, B) go through it too: their tokens are thrown away
-            with self.model.adapter_bank.select([adapter] * b):
-                logits = step(self.model, ids, pos, keys, cache.k, cache.v)
+        names = [(adapters or {}).get(s) if s in tokens else None for s in range(b)]  # idle rows: base
+        if not any(names):
+            logits = _compiled_step(self.model, cache.slots, b == 1)(self.model, ids, pos, keys, cache.k, cache.v)
+        else:
+            logits = self._through_adapters(cache, names, ids, pos, keys)
         for r in rows:
             cache.lens[r] += 1
         return logits[rows]
 
+    def _through_adapters(self, cache: SlotKVCache, names: list[str | None], ids, pos, keys) -> torch.Tensor:
+        bank = self.model.adapter_bank
+        if len(names) == 1:  # the adapter is a constant of its batch-1 graph
+            step, groups = _compiled_step(self.model, cache.slots, True, names[0]), bank.masks(names)
+        else:  # one graph for any mix: every adapter's product, masked to its rows
+            step, groups = _compiled_step(self.model, cache.slots, False, MASKED), bank.masks(names, every=True)
+            for _, mask in groups:
+                torch._dynamo.mark_dynamic(mask, 0)
+        with bank.select(groups):
+            return step(self.model, ids, pos, keys, cache.k, cache.v)
+
     def warm_up(self, slots: int) -> float:
         """Compile now, on a throw-away cache of `slots` rows: one row, then (with two or more
-        slots) two, each at two lengths (the second must not recompile); the same again through
-        each per-request LoRA adapter of the model. Returns the seconds."""
+        slots) two, each at two lengths (the second must not recompile); one row through each
+        per-request LoRA adapter of the model, and two through the masked graph. Returns the
+        seconds."""
         t0 = time.perf_counter()
         with torch.inference_mode():  # the engine's caches are inference tensors: a guard tells them apart
-            for adapter in [None, *self.model.adapter_bank.names]:
+            names = self.model.adapter_bank.names
+            steps = [{0: a} for a in [None, *names]]  # batch 1: base, each adapter
+            if slots > 1:  # several rows: base, and the masked graph (an adapter row beside a base one)
+                steps += [{0: None, 1: None}] + ([{0: names[0], 1: None}] if names else [])
+            for adapters in steps:
                 cache = self.model.new_slot_cache(slots)
                 # lengths no other size has (dynamo would tie equal sizes together) and not 1 (it would specialize)
                 cache.lens[:2] = [37, 37][:slots]
-                for rows in ([0], [0, 1])[:min(slots, 2)]:
-                    for _ in range(2):
-                        self(cache, dict.fromkeys(rows, 0), adapter)
+                for _ in range(2):
+                    self(cache, dict.fromkeys(adapters, 0), adapters)
         return time.perf_counter() - t0

@@ -368,7 +368,7 @@ class Transformer(nn.Module):
         """The blocks over `inputs`; adapters[b]: row b's per-request LoRA adapter (None, or all
         None: the base weights, the only case the compiled decode step traces)."""
         if adapters is not None and any(a is not None for a in adapters):
-            with self.adapter_bank.select(adapters, ids.device):
+            with self.adapter_bank.select(self.adapter_bank.masks(adapters, device=ids.device)):
                 return self._blocks(ids, inputs, cache, last_only)
         return self._blocks(ids, inputs, cache, last_only)
 

@@ -115,6 +115,7 @@ STRAY = {"base_model.model.lm_head.other": torch.zeros(1)}
     ({"peft_type": "PREFIX_TUNING"}, STRAY, "not LORA"),
     ({**LORA, "bias": "all"}, STRAY, "bias=all"),
     (LORA, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)}, "no lora_B"),
+    (LORA, {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2)}, "no lora_A"),
     (LORA, STRAY, "not LoRA factors"),
     (LORA, {}, "no LoRA factors"),
 ])

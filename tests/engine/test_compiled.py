@@ -200,29 +200,42 @@ def test_compiled_int8_logits_agree_with_eager(int8_model):
         assert rel < 5e-3, rel  # intermediates kept in fp32 (inductor's default) gave 1-6%
 
 
-def test_adapter_steps_have_their_own_graph_and_mixed_steps_run_eager(llama_dir):
-    """`warm_up` compiles the decode step through each per-request adapter too: a step whose rows
-    all use one adapter runs on that adapter's graph, a step mixing base and adapter rows runs
-    eager, on the same cache rows; tokens as each request alone, and no compile after warm-up."""
+def _random_adapter(config, projections, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for i in range(config["num_hidden_layers"]):
+        for proj, out_f, in_f in projections:
+            adapter[f"model.layers.{i}.{proj}.lora_A.weight"] = torch.randn(2, in_f, generator=g)
+            adapter[f"model.layers.{i}.{proj}.lora_B.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
+    return adapter
+
+
+def test_adapter_and_mixed_steps_run_compiled(llama_dir, monkeypatch):
+    """`warm_up` compiles one row through each per-request adapter and the masked multi-row graph:
+    steps of base rows, one adapter's rows, and base rows beside rows of either adapter all
+    decode compiled (no eager decode forward), with tokens as each request alone, and nothing
+    compiles after warm-up."""
     from torch._dynamo.utils import counters
 
     config, state = load_hf_dir(llama_dir)
-    g = torch.Generator().manual_seed(5)
-    adapter = {}
-    for i in range(config["num_hidden_layers"]):
-        for proj, out_f in (("self_attn.q_proj", 64), ("mlp.up_proj", 128)):
-            adapter[f"model.layers.{i}.{proj}.lora_A.weight"] = torch.randn(2, 64, generator=g)
-            adapter[f"model.layers.{i}.{proj}.lora_B.weight"] = torch.randn(out_f, 2, generator=g) * 0.5
-    m = build_model(ModelArgs.from_hf_config(config), state, max_len=128, adapters={"r": adapter})
+    r = _random_adapter(config, [("self_attn.q_proj", 64, 64), ("mlp.up_proj", 128, 64)], seed=5)
+    s = _random_adapter(config, [("self_attn.o_proj", 64, 64), ("mlp.down_proj", 64, 128)], seed=6)
+    m = build_model(ModelArgs.from_hf_config(config), state, max_len=128, adapters={"r": r, "s": s})
     CompiledDecode(m).warm_up(SLOTS)
     before = counters["stats"]["unique_graphs"]
+    eager_rows = []
+    forward_rows = m.forward_rows
+    monkeypatch.setattr(m, "forward_rows", lambda ids, *a, **k: eager_rows.append(ids.shape) or forward_rows(ids, *a, **k))
     v = m.args.vocab_size
-    base, tuned, tuned2 = (_prompt(7, v), greedy(6)), (_prompt(11, v), greedy(16)), (_prompt(5, v), greedy(9))
-    a, b, c = Sequence(*base, set()), Sequence(*tuned, set(), adapter="r"), Sequence(*tuned2, set(), adapter="r")
-    # base graph, then mixed (eager), then the adapter's graph for one row and for two
-    got = run(compiled_engine(m), {0: [a], 3: [b], 9: [c]})
+    specs = {None: (_prompt(7, v), greedy(6)), "r": (_prompt(11, v), greedy(16)), "s": (_prompt(5, v), greedy(9)),
+             "r2": (_prompt(8, v), greedy(12))}
+    seqs = {k: Sequence(*spec, set(), adapter=k and k[0]) for k, spec in specs.items()}
+    # base alone, then base + r + s mixed, then r + r (the masked graph, every row one adapter), then r alone
+    got = run(compiled_engine(m), {0: [seqs[None]], 3: [seqs["r"], seqs["s"]], 8: [seqs["r2"]]})
     assert counters["stats"]["unique_graphs"] == before
-    assert got[a] == alone(m, *base)
-    for seq, spec in ((b, tuned), (c, tuned2)):
-        want = [o.tokens[0] for o in generate(m, *spec, set(), adapter="r")]
-        assert got[seq] == [want] and want != alone(m, *spec)[0]
+    assert all(shape[0] == 1 and shape[1] > 1 for shape in eager_rows), eager_rows  # prefill only
+    monkeypatch.undo()
+    assert got[seqs[None]] == alone(m, *specs[None])
+    for k in ("r", "s", "r2"):
+        want = [o.tokens[0] for o in generate(m, *specs[k], set(), adapter=k[0])]
+        assert got[seqs[k]] == [want] and want != alone(m, *specs[k])[0]
