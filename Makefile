@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops reasoning-adapter reasoning-eval-adapter memory-model-70m-loops-rl-fidelity docker docker-smoke
+.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops reasoning-adapter reasoning-eval-adapter reasoning-eval-served memory-model-70m-loops-rl-fidelity docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -252,6 +252,15 @@ reasoning-eval-adapter: reasoning-adapter reasoning-large
 		--json results/lora_overhead.json
 	$(BIN)/python benchmarks/lora_overhead.py --compile --base $(DEFAULT_ART) --adapter $(SVAMP_ADAPTER) \
 		--merged $(REASON) --json results/lora_overhead_compiled.json
+
+# every condition of the issue's table on exactly what `make serve` serves (default int8 weights, the
+# shipped adapter on hybrid requests, the shipped 70M memory model at int8), SVAMP dev and GSM8K:100
+# (about 40 minutes on 2 cores)
+reasoning-eval-served: setup
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(DEFAULT_ART) --lora smollm2-135m-svamp=$(SVAMP_ADAPTER) \
+		--memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8 --data svamp-dev --data gsm8k:100 \
+		--loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 --answer-tokens 12 --threads 2 \
+		--json results/reasoning_eval_served.json
 
 # the SVAMP-tuned large model with the shipped 70M memory model (memory_model/checkpoints/svamp-70m)
 serve-reasoning: reasoning-large
