@@ -255,12 +255,17 @@ reasoning-eval-adapter: reasoning-adapter reasoning-large
 
 # every condition of the issue's table on exactly what `make serve` serves (default int8 weights, the
 # shipped adapter on hybrid requests, the shipped 70M memory model at int8), SVAMP dev and GSM8K:100
-# (about 40 minutes on 2 cores)
+# (about 40 minutes on 2 cores), then the hybrid rows again with the server's default loop settings
+# (--hybrid-loops 4, 3 groups of 64 tokens: what a request that sets nothing gets; 15 minutes)
 reasoning-eval-served: setup
 	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(DEFAULT_ART) --lora smollm2-135m-svamp=$(SVAMP_ADAPTER) \
 		--memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8 --data svamp-dev --data gsm8k:100 \
 		--loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 --answer-tokens 12 --threads 2 \
 		--json results/reasoning_eval_served.json
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(DEFAULT_ART) --lora smollm2-135m-svamp=$(SVAMP_ADAPTER) \
+		--memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8 --data svamp-dev \
+		--loops 4 --groups 3 --group-tokens 64 --condense-tokens 100 --answer-tokens 12 --threads 2 --only hybrid \
+		--json results/reasoning_eval_served_defaults.json
 
 # the SVAMP-tuned large model with the shipped 70M memory model (memory_model/checkpoints/svamp-70m)
 serve-reasoning: reasoning-large
