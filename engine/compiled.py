@@ -131,8 +131,9 @@ _compiled: "weakref.WeakKeyDictionary[Transformer, dict[tuple[int, bool, str | N
 def _compiled_step(model: Transformer, slots: int, one_row: bool, adapter: str | None = None) -> _Compiled:
     """A function of its own per (model, slots, one row, adapter): dynamo keeps graphs per code
     object, so each gets a copy of `_step`'s code and holds exactly one graph. A per-request LoRA
-    adapter is traced into its graph as a constant (every row of the step through it), which is
-    why it is part of the key: the graph's guards are skipped once it exists."""
+    adapter is traced into its batch-1 graph as a constant, and MASKED names the multi-row graph
+    through every adapter, which is why they are part of the key: the graph's guards are skipped
+    once it exists. (An adapter called MASKED cannot collide: names key batch-1 graphs only.)"""
     steps = _compiled.setdefault(model, {})
     key = (slots, one_row, adapter)
     if key not in steps:

@@ -366,7 +366,8 @@ class Transformer(nn.Module):
 
     def _run(self, ids, inputs, cache, last_only: bool, adapters: list[str | None] | None = None) -> torch.Tensor:
         """The blocks over `inputs`; adapters[b]: row b's per-request LoRA adapter (None, or all
-        None: the base weights, the only case the compiled decode step traces)."""
+        None: the base weights; the compiled decode step passes none and selects the adapter
+        bank's rows itself, engine/compiled.py)."""
         if adapters is not None and any(a is not None for a in adapters):
             with self.adapter_bank.select(self.adapter_bank.masks(adapters, device=ids.device)):
                 return self._blocks(ids, inputs, cache, last_only)
