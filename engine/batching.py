@@ -213,7 +213,6 @@ class BatchEngine:
         """One forward for every live row of `seqs`, then each sequence samples its rows."""
         rows = sorted((seq.slots[i], seq, i) for seq in seqs for i in seq.live())  # by slot: a view when contiguous
         slots = [r[0] for r in rows]
-        adapters = [seq.adapter for _, seq, _ in rows]
         if self.decoder is not None:
             logits = self.decoder(self.cache, {slot: seq.last[i] for slot, seq, i in rows},
                                   {slot: seq.adapter for slot, seq, _ in rows})  # (B, V), slot order
@@ -221,7 +220,7 @@ class BatchEngine:
             self.cache.reserve(max(self.cache.lens[s] for s in slots) + 1)
             ids = torch.tensor([[seq.last[i]] for _, seq, i in rows], device=self.model.device)
             logits = self.model.forward_rows(ids, self.cache.view(slots), last_only=True,
-                                             adapters=adapters)[:, -1]  # (B, V)
+                                             adapters=[seq.adapter for _, seq, _ in rows])[:, -1]  # (B, V)
         out = {}
         for seq in seqs:
             at = [j for j, (_, s, _) in enumerate(rows) if s is seq]
