@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops reasoning-adapter reasoning-eval-adapter reasoning-eval-served memory-model-70m-loops-rl-fidelity docker docker-smoke
+.PHONY: setup serve test test-fast clean reasoning-large memory-model memory-model-70m reasoning-eval-70m reasoning-model reasoning-model-replay reasoning-eval reasoning-eval-gptq reasoning-eval-compensation reasoning-large-loops memory-model-70m-loops reasoning-eval-loops reasoning-eval-loops-compensation memory-model-70m-loops-rl reasoning-eval-loops-rl serve-reasoning serve-reasoning-loops reasoning-adapter reasoning-eval-adapter reasoning-eval-served reasoning-eval-served-compile memory-model-70m-loops-rl-fidelity docker docker-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -266,6 +266,16 @@ reasoning-eval-served: setup
 		--memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8 --data svamp-dev \
 		--loops 4 --groups 3 --group-tokens 64 --condense-tokens 100 --answer-tokens 12 --threads 2 --only hybrid \
 		--json results/reasoning_eval_served_defaults.json
+
+# make serve's setup with --compile (start-up compiles for about 4 minutes), SVAMP dev: full CoT,
+# hybrid 1 loop, truncation (about 10 minutes on 2 cores); then the condensation stage alone,
+# the memory model's draft checks eager and compiled, interleaved (about 2 minutes)
+reasoning-eval-served-compile: setup
+	$(BIN)/python benchmarks/reasoning_eval.py --artifact $(DEFAULT_ART) --lora smollm2-135m-svamp=$(SVAMP_ADAPTER) \
+		--memory-model memory_model/checkpoints/svamp-70m --memory-model-quant int8 --data svamp-dev \
+		--loops 4 --groups 1 --group-tokens 24 --condense-tokens 100 --answer-tokens 12 --threads 2 --compile \
+		--only "full CoT" --only "hybrid, 1" --only truncation --json results/reasoning_eval_served_compile.json
+	$(BIN)/python benchmarks/condense_speed.py --n 60 --rounds 3 --json results/condense_speed.json
 
 # the SVAMP-tuned large model with the shipped 70M memory model (memory_model/checkpoints/svamp-70m)
 serve-reasoning: reasoning-large

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--max-model-len", "2048",
                 "--max-tokens-default", "512", "--memory-model-quant", a.memory_model_quant] + (
                     ["--threads", str(a.threads)] if a.threads else []) + (["--compile"] if a.compile else [])
-        srv = ServerProcess(args)
+        # --compile compiles every graph before /health says ready (minutes with an adapter on 2 cores)
+        srv = ServerProcess(args, timeout=1800 if a.compile else 300)
     results, per_problem = {}, {}
 
     def save() -> None:  # after every condition: an interrupted run keeps what it measured

@@ -23,7 +23,8 @@ request samples the same tokens alone or in a batch. The per-sequence `StepOutpu
 what `generate` yields for one request, so the text layer (`engine.textgen`) serves both.
 A greedy sequence with `lookup_draft` (the hybrid loop's condensations) decodes with
 prompt-lookup drafts instead: its rows run in a forward of their own over T = 1 + draft
-tokens, and a step may add several tokens (`StepOutput.drafted`).
+tokens, and a step may add several tokens (`StepOutput.drafted`). With `compile`, that forward
+is a compiled graph too (`CompiledDecode.check`), every row padded to the longest draft allowed.
 
 A job made of several sequences (the hybrid loop's stages) is a generator that yields
 `Join(model, seq)` to put a sequence into that model's batch and None to wait a step, and
@@ -238,15 +239,10 @@ class BatchEngine:
         drafts = [propose(seq.prompt_ids + seq.out[0],
                           max(0, min(seq.params.lookup_draft, seq.params.max_tokens - seq.steps - 1, room)))
                   for _, seq in rows]
-        t = 1 + max(map(len, drafts))
-        self.cache.reserve(longest + t)
-        ids = torch.tensor([[seq.last[0]] + d + [0] * (t - 1 - len(d)) for (_, seq), d in zip(rows, drafts)],
-                           device=self.model.device)
-        view = self.cache.view(slots)
-        greedy = self.model.forward_rows(ids, view, adapters=[seq.adapter for _, seq in rows]
-                                         ).argmax(-1).tolist()  # (B, T): the choice after each fed token
+        starts = [self.cache.lens[s] for s in slots]
+        greedy = self._check(rows, drafts)  # (B, T): the choice after each fed token
         out = {}
-        for (slot, seq), draft, g, start in zip(rows, drafts, greedy, view.starts):
+        for (slot, seq), draft, g, start in zip(rows, drafts, greedy, starts):
             m = accepted(draft, g)
             new, eos = [], False
             for tok in draft[:m] + [g[m]]:
@@ -261,6 +257,23 @@ class BatchEngine:
             seq.finished[0] = seq.finished[0] or eos
             out[seq] = StepOutput([new[-1]], [True], [eos], drafted=[new[:-1]])
         return out
+
+    def _check(self, rows: list[tuple[int, Sequence]], drafts: list[list[int]]) -> list[list[int]]:
+        """Each row's last token and draft in one forward -> the greedy choice after each fed
+        token. Compiled, every row is padded to the longest draft any of the sequences may
+        propose (one graph, T a constant of it); eager, to the longest draft of this step."""
+        fed = [[seq.last[0]] + d for (_, seq), d in zip(rows, drafts)]
+        if self.decoder is not None and not any(seq.adapter for _, seq in rows):
+            t = 1 + max(seq.params.lookup_draft for _, seq in rows)
+            greedy = self.decoder.check(self.cache, {slot: f + [0] * (t - len(f)) for (slot, _), f in zip(rows, fed)})
+            if greedy is not None:
+                return greedy
+        t = max(map(len, fed))
+        slots = [slot for slot, _ in rows]
+        self.cache.reserve(max(self.cache.lens[s] for s in slots) + t)
+        ids = torch.tensor([f + [0] * (t - len(f)) for f in fed], device=self.model.device)
+        return self.model.forward_rows(ids, self.cache.view(slots), adapters=[seq.adapter for _, seq in rows]
+                                       ).argmax(-1).tolist()
 
     def _prefill(self) -> dict[Sequence, StepOutput]:
         budget, out = self.cfg.prefill_chunk, {}

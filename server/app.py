@@ -61,6 +61,8 @@ class AppState:
                 from memory_model.condense import MemoryModel
 
                 memory = MemoryModel(self.cfg.memory_model, quant=self.cfg.memory_model_quant)
+                if self.cfg.compile:
+                    self._compile_memory(memory)
             ctx = ServingContext.create(models, self.cfg, self.metrics, memory, self.profiles)
             self.chat, self.completion = ChatServing(ctx), CompletionServing(ctx)
             self.serving = ctx  # last: requests are admitted once everything above exists
@@ -94,6 +96,19 @@ class AppState:
                 s = CompiledDecode(lm.model).warm_up(self.cfg.max_num_seqs)
                 self.metrics.compile_seconds.labels(name).set(s)
                 log.info("compiled %s's decode step in %.1fs", name, s)
+
+
+    def _compile_memory(self, memory) -> None:
+        """Compile the memory model's prompt-lookup draft checks (server/hybrid.py `Condenser`:
+        every condensation is written that way), so the first hybrid request does not wait."""
+        from engine.compiled import CompiledDecode
+
+        from .hybrid import Condenser
+
+        if CompiledDecode.supports(memory.model):
+            s = CompiledDecode(memory.model).warm_up_checks(self.cfg.max_num_seqs, 1 + Condenser.LOOKUP_DRAFT)
+            self.metrics.compile_seconds.labels(f"memory-model:{memory.name}").set(s)
+            log.info("compiled memory model %s's draft checks in %.1fs", memory.name, s)
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):

@@ -12,7 +12,7 @@ import torch
 from compress.build import load_hf_dir
 from engine.batching import BatchConfig, BatchEngine, Sequence
 from engine.compiled import CompiledDecode
-from engine.generate import generate
+from engine.generate import SamplingParams, generate
 from engine.config import ModelArgs
 from engine.loader import build_model
 from engine.quant import Int8WeightOnlyLinear, quantize_per_channel
@@ -239,3 +239,33 @@ def test_adapter_and_mixed_steps_run_compiled(llama_dir, monkeypatch):
     for k in ("r", "s", "r2"):
         want = [o.tokens[0] for o in generate(m, *specs[k], set(), adapter=k[0])]
         assert got[seqs[k]] == [want] and want != alone(m, *specs[k])[0]
+
+
+def test_lookup_drafts_are_checked_compiled(model, monkeypatch):
+    """Rows with prompt-lookup drafts (the memory model's condensations) check their drafts in a
+    compiled graph of T = 1 + lookup_draft tokens a row, warmed up by `warm_up_checks`: the plain
+    greedy tokens, alone and two at once beside a plain row, with drafts accepted, no eager
+    forward but prefill, and nothing compiled after warm-up."""
+    from torch._dynamo.utils import counters
+
+    CompiledDecode(model).warm_up_checks(SLOTS, 1 + 4)
+    before = counters["stats"]["unique_graphs"]
+    eager_rows = []
+    forward_rows = model.forward_rows
+    monkeypatch.setattr(model, "forward_rows",
+                        lambda ids, *a, **k: eager_rows.append(ids.shape) or forward_rows(ids, *a, **k))
+    v = model.args.vocab_size
+    loop = _prompt(5, v)
+    specs = [(loop * 4 + _prompt(3, v) + loop[:2], 30), (_prompt(4, v) * 3, 24), (_prompt(9, v), 12)]
+    seqs = [Sequence(list(p), SamplingParams(max_tokens=n, temperature=0, lookup_draft=4), set()) for p, n in specs]
+    plain = Sequence(_prompt(6, v), greedy(20), set())
+    drafted = []
+    got = run(compiled_engine(model), {0: [seqs[0]], 6: [seqs[1], plain], 9: [seqs[2]]},
+              lambda step, outs: drafted.extend(n for o in outs.values() for n in map(len, o.drafted or [])))
+    assert counters["stats"]["unique_graphs"] == before
+    monkeypatch.undo()
+    assert all(shape[0] == 1 and shape[1] > 1 for shape in eager_rows), eager_rows  # prefill only
+    assert sum(drafted) > 0  # some draft tokens were confirmed: the check is not one token a row
+    for seq, (p, n) in zip(seqs, specs):  # a step's drafted tokens are not in `got`: the sequence has them all
+        assert [seq.out[0]] == alone(model, p, greedy(n))
+    assert got[plain] == alone(model, plain.prompt_ids, greedy(20))

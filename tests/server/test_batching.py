@@ -112,19 +112,25 @@ def test_429_only_when_every_row_and_the_queue_are_full(llama_artifact):
         srv.close()
 
 
-def test_compiled_server_compiles_before_serving_and_streams_the_same_text(client, llama_artifact):
+def test_compiled_server_compiles_before_serving_and_streams_the_same_text(client, llama_artifact, mm_checkpoint):
     from openai import OpenAI
 
     from server.__main__ import build_parser, to_config
 
     p = build_parser()
     assert to_config(p.parse_args(["--artifact", str(llama_artifact), "--compile"]), p).compile
-    cfg = ServerConfig(artifacts=[f"tiny-chat={llama_artifact}"], max_model_len=2048, max_num_seqs=3, compile=True)
+    cfg = ServerConfig(artifacts=[f"tiny-chat={llama_artifact}"], max_model_len=2048, max_num_seqs=3, compile=True,
+                       memory_model=str(mm_checkpoint))
     srv = LiveServer(cfg).wait()
     try:
-        line = next(x for x in httpx.get(srv.url + "/metrics").text.splitlines()
-                    if x.startswith('hybrid_decode_compile_seconds{model="tiny-chat"}'))
-        assert float(line.split()[-1]) > 0  # paid at start-up
+        metrics = httpx.get(srv.url + "/metrics").text.splitlines()
+        for model in ("tiny-chat", f"memory-model:{mm_checkpoint.name}"):  # the memory model's draft checks too
+            line = next(x for x in metrics if x.startswith(f'hybrid_decode_compile_seconds{{model="{model}"}}'))
+            assert float(line.split()[-1]) > 0  # paid at start-up
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny-chat", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4,
+            "temperature": 0, "hybrid": {"loops": 1, "cot_groups": 1, "cot_group_tokens": 5, "condense_tokens": 6}})
+        assert r.status_code == 200 and r.json()["usage"]["hybrid"]["condensed_tokens"] > 0, r.text
         compiled = OpenAI(base_url=srv.url + "/v1", api_key="-")
         with ThreadPoolExecutor(3) as pool:
             together = list(pool.map(lambda p: _stream(compiled, "tiny-chat", p), PROMPTS[:3]))
