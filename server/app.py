@@ -97,7 +97,6 @@ class AppState:
                 self.metrics.compile_seconds.labels(name).set(s)
                 log.info("compiled %s's decode step in %.1fs", name, s)
 
-
     def _compile_memory(self, memory) -> None:
         """Compile the memory model's prompt-lookup draft checks (server/hybrid.py `Condenser`:
         every condensation is written that way), so the first hybrid request does not wait."""
