@@ -261,9 +261,14 @@ class BatchEngine:
     def _check(self, rows: list[tuple[int, Sequence]], drafts: list[list[int]]) -> list[list[int]]:
         """Each row's last token and draft in one forward -> the greedy choice after each fed
         token. Compiled, every row is padded to the longest draft any of the sequences may
-        propose (one graph, T a constant of it); eager, to the longest draft of this step."""
+        propose (one graph, T a constant of it), and a step where no row has a draft runs the
+        decode step's graph (T = 1: 3.7 against 10.9 ms for the 70M memory model); eager, rows
+        are padded to the longest draft of this step."""
         fed = [[seq.last[0]] + d for (_, seq), d in zip(rows, drafts)]
         if self.decoder is not None and not any(seq.adapter for _, seq in rows):
+            if not any(drafts):  # nothing to check: one token a row, on the decode step's graph
+                logits = self.decoder(self.cache, {slot: seq.last[0] for slot, seq in rows})
+                return [[g] for g in logits.argmax(-1).tolist()]
             t = 1 + max(seq.params.lookup_draft for _, seq in rows)
             greedy = self.decoder.check(self.cache, {slot: f + [0] * (t - len(f)) for (slot, _), f in zip(rows, fed)})
             if greedy is not None:

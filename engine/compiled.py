@@ -34,7 +34,8 @@ a step mixing base rows and rows of any adapters runs compiled too.
 Prompt-lookup draft checks (engine/lookup.py: the memory model's condensations, T = 1 + 8
 tokens a row) have graphs of their own (`check`, `warm_up_checks`), T a constant of each: the
 70M memory model's check took 10.9 ms compiled against 14.2 eager (2 cores, int8, median of
-21), a whole condensation 172 against 195 ms (benchmarks/condense_speed.py). The batch-1 options
+21), a whole condensation 167 against 210 ms (benchmarks/condense_speed.py, with the steps that
+found no draft on the one-token graph: engine/batching.py `_check`). The batch-1 options
 do not apply there: T rows go through the int8 kernel and SDPA, not the fused one-row products.
 """
 

@@ -99,13 +99,16 @@ class AppState:
 
     def _compile_memory(self, memory) -> None:
         """Compile the memory model's prompt-lookup draft checks (server/hybrid.py `Condenser`:
-        every condensation is written that way), so the first hybrid request does not wait."""
+        every condensation is written that way) and its one-token step (a step where no row found
+        a draft), so the first hybrid request does not wait."""
         from engine.compiled import CompiledDecode
 
         from .hybrid import Condenser
 
         if CompiledDecode.supports(memory.model):
-            s = CompiledDecode(memory.model).warm_up_checks(self.cfg.max_num_seqs, 1 + Condenser.LOOKUP_DRAFT)
+            decode = CompiledDecode(memory.model)
+            s = decode.warm_up_checks(self.cfg.max_num_seqs, 1 + Condenser.LOOKUP_DRAFT)
+            s += decode.warm_up(self.cfg.max_num_seqs)
             self.metrics.compile_seconds.labels(f"memory-model:{memory.name}").set(s)
             log.info("compiled memory model %s's draft checks in %.1fs", memory.name, s)
 

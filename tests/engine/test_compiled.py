@@ -243,22 +243,33 @@ def test_adapter_and_mixed_steps_run_compiled(llama_dir, monkeypatch):
 
 def test_lookup_drafts_are_checked_compiled(model, monkeypatch):
     """Rows with prompt-lookup drafts (the memory model's condensations) check their drafts in a
-    compiled graph of T = 1 + lookup_draft tokens a row, warmed up by `warm_up_checks`: the plain
-    greedy tokens, alone and two at once beside a plain row, with drafts accepted, no eager
-    forward but prefill, and nothing compiled after warm-up."""
+    compiled graph of T = 1 + lookup_draft tokens a row, warmed up by `warm_up_checks`, and a
+    step where no row found a draft runs the one-token graph: the plain greedy tokens, alone and
+    two at once beside a plain row, with drafts accepted, no eager forward but prefill, and
+    nothing compiled after warm-up."""
     from torch._dynamo.utils import counters
 
-    CompiledDecode(model).warm_up_checks(SLOTS, 1 + 4)
+    CompiledDecode(model).warm_up_checks(SLOTS, 1 + 4)  # the module fixture warmed the one-token graphs
     before = counters["stats"]["unique_graphs"]
     eager_rows = []
     forward_rows = model.forward_rows
     monkeypatch.setattr(model, "forward_rows",
                         lambda ids, *a, **k: eager_rows.append(ids.shape) or forward_rows(ids, *a, **k))
+    checks = []  # each step's drafts: a step with none runs the one-token graph
+    check = BatchEngine._check
+    monkeypatch.setattr(BatchEngine, "_check",
+                        lambda self, rows, drafts: checks.append(drafts) or check(self, rows, drafts))
     v = model.args.vocab_size
-    loop = _prompt(5, v)
-    specs = [(loop * 4 + _prompt(3, v) + loop[:2], 30), (_prompt(4, v) * 3, 24), (_prompt(9, v), 12)]
+    g = torch.Generator().manual_seed(3)  # prompts of this test's own: which drafts are accepted depends on them
+
+    def prompt(n):
+        return torch.randint(3, v, (n,), generator=g).tolist()
+
+    # long greedy runs: a tiny random model's output soon cycles, and lookup drafts then repeat the cycle
+    loop = prompt(5)
+    specs = [(loop * 4 + prompt(3) + loop[:2], 40), (prompt(4) * 3, 40), (prompt(9), 12)]
     seqs = [Sequence(list(p), SamplingParams(max_tokens=n, temperature=0, lookup_draft=4), set()) for p, n in specs]
-    plain = Sequence(_prompt(6, v), greedy(20), set())
+    plain = Sequence(prompt(6), greedy(20), set())
     drafted = []
     got = run(compiled_engine(model), {0: [seqs[0]], 6: [seqs[1], plain], 9: [seqs[2]]},
               lambda step, outs: drafted.extend(n for o in outs.values() for n in map(len, o.drafted or [])))
@@ -266,6 +277,7 @@ def test_lookup_drafts_are_checked_compiled(model, monkeypatch):
     monkeypatch.undo()
     assert all(shape[0] == 1 and shape[1] > 1 for shape in eager_rows), eager_rows  # prefill only
     assert sum(drafted) > 0  # some draft tokens were confirmed: the check is not one token a row
+    assert any(not any(d) for d in checks) and any(any(d) for d in checks)  # both graphs ran
     for seq, (p, n) in zip(seqs, specs):  # a step's drafted tokens are not in `got`: the sequence has them all
         assert [seq.out[0]] == alone(model, p, greedy(n))
     assert got[plain] == alone(model, plain.prompt_ids, greedy(20))
