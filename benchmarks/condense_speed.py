@@ -54,8 +54,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    mm = MemoryModel(a.memory_model, quant=a.quant)
+    if min(a.n, a.rounds, a.condense_tokens) < 1:
+        p.error("--n, --rounds and --condense-tokens must be at least 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        mm = MemoryModel(a.memory_model, quant=a.quant)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     decode = CompiledDecode(mm.model)  # as the server compiles it: the checks and the one-token step
     warm = decode.warm_up_checks(1, 1 + Condenser.LOOKUP_DRAFT) + decode.warm_up(1)
     probs = load("svamp-dev")[:a.n]
