@@ -233,14 +233,13 @@ class BatchEngine:
         token and a prompt-lookup draft (padded to the longest), keeps the draft tokens the
         model confirms plus the model's next one, and rewinds its length past the rest."""
         rows = sorted((seq.slots[0], seq) for seq in seqs)
-        slots = [slot for slot, _ in rows]
-        longest = max(self.cache.lens[s] for s in slots)
+        starts = [self.cache.lens[slot] for slot, _ in rows]
+        longest = max(starts)
         room = self.model.max_len - longest - 1  # padding counts too
         drafts = [propose(seq.prompt_ids + seq.out[0],
                           max(0, min(seq.params.lookup_draft, seq.params.max_tokens - seq.steps - 1, room)))
                   for _, seq in rows]
-        starts = [self.cache.lens[s] for s in slots]
-        greedy = self._check(rows, drafts)  # (B, T): the choice after each fed token
+        greedy = self._check(rows, drafts, longest)  # (B, T): the choice after each fed token
         out = {}
         for (slot, seq), draft, g, start in zip(rows, drafts, greedy, starts):
             m = accepted(draft, g)
@@ -258,27 +257,30 @@ class BatchEngine:
             out[seq] = StepOutput([new[-1]], [True], [eos], drafted=[new[:-1]])
         return out
 
-    def _check(self, rows: list[tuple[int, Sequence]], drafts: list[list[int]]) -> list[list[int]]:
+    def _check(self, rows: list[tuple[int, Sequence]], drafts: list[list[int]], longest: int) -> list[list[int]]:
         """Each row's last token and draft in one forward -> the greedy choice after each fed
-        token. Compiled, every row is padded to the longest draft any of the sequences may
-        propose (one graph, T a constant of it), and a step where no row has a draft runs the
-        decode step's graph (T = 1: 3.7 against 10.9 ms for the 70M memory model); eager, rows
-        are padded to the longest draft of this step."""
+        token (`longest`: the rows' longest cache length). Compiled, every row is padded to the
+        longest draft any of the sequences may propose (one graph, T a constant of it), and a
+        step where no row has a draft runs the decode step's graph (T = 1: 3.7 against 10.9 ms for
+        the 70M memory model); eager, rows are padded to the longest draft of this step."""
         fed = [[seq.last[0]] + d for (_, seq), d in zip(rows, drafts)]
+
+        def padded(t: int) -> list[list[int]]:
+            return [f + [0] * (t - len(f)) for f in fed]
+
         if self.decoder is not None and not any(seq.adapter for _, seq in rows):
             if not any(drafts):  # nothing to check: one token a row, on the decode step's graph
                 logits = self.decoder(self.cache, {slot: seq.last[0] for slot, seq in rows})
                 return [[g] for g in logits.argmax(-1).tolist()]
             t = 1 + max(seq.params.lookup_draft for _, seq in rows)
-            greedy = self.decoder.check(self.cache, {slot: f + [0] * (t - len(f)) for (slot, _), f in zip(rows, fed)})
+            greedy = self.decoder.check(self.cache, dict(zip((slot for slot, _ in rows), padded(t))))
             if greedy is not None:
                 return greedy
         t = max(map(len, fed))
-        slots = [slot for slot, _ in rows]
-        self.cache.reserve(max(self.cache.lens[s] for s in slots) + t)
-        ids = torch.tensor([f + [0] * (t - len(f)) for f in fed], device=self.model.device)
-        return self.model.forward_rows(ids, self.cache.view(slots), adapters=[seq.adapter for _, seq in rows]
-                                       ).argmax(-1).tolist()
+        self.cache.reserve(longest + t)
+        ids = torch.tensor(padded(t), device=self.model.device)
+        return self.model.forward_rows(ids, self.cache.view([slot for slot, _ in rows]),
+                                       adapters=[seq.adapter for _, seq in rows]).argmax(-1).tolist()
 
     def _prefill(self) -> dict[Sequence, StepOutput]:
         budget, out = self.cfg.prefill_chunk, {}

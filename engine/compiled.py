@@ -192,7 +192,6 @@ class CompiledDecode:
         """Next-token logits (len(tokens), V) for the rows in `tokens` (slot -> last token), in
         slot order; every row in `tokens` advances by one position. `adapters`: slot -> that
         row's per-request LoRA adapter (missing or None: the base weights)."""
-        dev = self.model.device
         rows = sorted(tokens)
         b = rows[-1] + 1
         end = max(cache.lens[r] for r in rows) + 1
@@ -200,11 +199,7 @@ class CompiledDecode:
         # S below the capacity and guard S != capacity (equal, it was a recompile mid-request).
         # S < capacity holds even at max_len: a row's end is at most max_len - 1
         cache.reserve(min(max(max(cache.lens[:b]) + 1, end) + 1, cache.max_len))
-        idle = cache.capacity - 1
-        pos = torch.tensor([cache.lens[s] if s in tokens else idle for s in range(b)], device=dev)
-        ids = torch.tensor([[tokens.get(s, 0)] for s in range(b)], device=dev)
-        keys = torch.arange(end, device=dev)
-        _mark_dynamic(cache, ids, pos, keys)
+        ids, pos, keys = self._inputs(cache, {s: [tok] for s, tok in tokens.items()}, end)
         names = [(adapters or {}).get(s) if s in tokens else None for s in range(b)]  # idle rows: base
         if not any(names):
             logits = _compiled_step(self.model, cache.slots, b == 1)(self.model, ids, pos, keys, cache.k, cache.v)
@@ -213,6 +208,19 @@ class CompiledDecode:
         for r in rows:
             cache.lens[r] += 1
         return logits[rows]
+
+    def _inputs(self, cache: SlotKVCache, fed: dict[int, list[int]], end: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step's graph inputs over slots [0, B): ids (B, T) (idle rows: zeros), each row's first
+        position pos (B,) (idle rows: the last T reserved ones, past every row's length) and
+        keys = arange(end), for the rows in `fed` (slot -> its T tokens)."""
+        dev, b, t = self.model.device, max(fed) + 1, len(next(iter(fed.values())))
+        idle = cache.capacity - t
+        pos = torch.tensor([cache.lens[s] if s in fed else idle for s in range(b)], device=dev)
+        ids = torch.tensor([fed.get(s, [0] * t) for s in range(b)], device=dev)
+        keys = torch.arange(end, device=dev)
+        _mark_dynamic(cache, ids, pos, keys)
+        return ids, pos, keys
 
     def _through_adapters(self, cache: SlotKVCache, names: list[str | None], ids, pos, keys) -> torch.Tensor:
         bank = self.model.adapter_bank
@@ -240,12 +248,7 @@ class CompiledDecode:
         if need > cache.max_len:
             return None
         cache.reserve(need)
-        dev = self.model.device
-        idle = cache.capacity - t
-        pos = torch.tensor([cache.lens[s] if s in fed else idle for s in range(b)], device=dev)
-        ids = torch.tensor([fed.get(s, [0] * t) for s in range(b)], device=dev)
-        keys = torch.arange(end, device=dev)
-        _mark_dynamic(cache, ids, pos, keys)
+        ids, pos, keys = self._inputs(cache, fed, end)
         greedy = _compiled_step(self.model, cache.slots, b == 1, None, t)(self.model, ids, pos, keys,
                                                                            cache.k, cache.v)
         for r in rows:

@@ -110,7 +110,7 @@ class AppState:
             s = decode.warm_up_checks(self.cfg.max_num_seqs, 1 + Condenser.LOOKUP_DRAFT)
             s += decode.warm_up(self.cfg.max_num_seqs)
             self.metrics.compile_seconds.labels(f"memory-model:{memory.name}").set(s)
-            log.info("compiled memory model %s's draft checks in %.1fs", memory.name, s)
+            log.info("compiled memory model %s's draft checks and decode step in %.1fs", memory.name, s)
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):

@@ -258,7 +258,7 @@ def test_lookup_drafts_are_checked_compiled(model, monkeypatch):
     checks = []  # each step's drafts: a step with none runs the one-token graph
     check = BatchEngine._check
     monkeypatch.setattr(BatchEngine, "_check",
-                        lambda self, rows, drafts: checks.append(drafts) or check(self, rows, drafts))
+                        lambda self, rows, drafts, *a: checks.append(drafts) or check(self, rows, drafts, *a))
     v = model.args.vocab_size
     g = torch.Generator().manual_seed(3)  # prompts of this test's own: which drafts are accepted depends on them
 
